@@ -1,0 +1,57 @@
+# Make targets are the interface for humans and CI alike. `make test` works from a fresh clone:
+# it builds its own virtualenv and installs the Debian tools it needs (promtool, wrk).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+APT_TOOLS := promtool:prometheus wrk:wrk
+
+.PHONY: install tools demo run test unit lint typecheck bench check-deploy clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Debian packages the checks use; installed once with apt-get when missing (root on CI machines).
+tools:
+	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
+
+demo: install
+	$(BIN)/cb-proxy demo
+
+run: install
+	$(BIN)/cb-proxy serve
+
+lint: install
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-report=term:skip-covered
+
+check-deploy: install tools
+	PATH="$(abspath $(BIN)):$$PATH" bash deploy/check.sh
+
+test: install tools lint typecheck unit check-deploy
+
+bench: install tools
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

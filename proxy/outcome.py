@@ -1,0 +1,51 @@
+"""How one upstream attempt ended, in the breaker's terms (breaker.md, 'Outcomes').
+
+Every attempt has exactly one outcome. The classification of HTTP replies
+lives here so the OpenAI, Anthropic and Gemini adapters agree on it; each
+adapter only adds what its own error bodies say (Anthropic's 529 and
+credit-balance errors, Gemini's RESOURCE_EXHAUSTED ...).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"  # counts against the upstream
+    RATE_LIMITED = "rate_limited"  # closes the (upstream, model) gate; not a failure
+    IGNORED = "ignored"  # caller fault or client cancellation: no retry, no fallback
+
+
+# 5xx is always the upstream's fault; 408 is the upstream giving up on us.
+_TRANSIENT_STATUSES = frozenset({500, 502, 503, 529})
+_CALLER_FAULTS = frozenset({400, 404, 409, 413, 415, 422})
+# Codes that mean 'the account is out of money', which no waiting fixes.
+QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
+
+
+def classify_status(status: int, error_code: str | None = None, *, client_key: bool = False) -> Outcome:
+    """Outcome of an HTTP reply from its status and the error body's code.
+
+    ``client_key`` is True when the credential came from the client rather than
+    the proxy: then 401/403 are the caller's problem, not the upstream's.
+    """
+    if 200 <= status < 300:
+        return Outcome.SUCCESS
+    if status == 429:
+        return Outcome.FAILURE if error_code in QUOTA_CODES else Outcome.RATE_LIMITED
+    if status in (401, 403):
+        return Outcome.IGNORED if client_key else Outcome.FAILURE
+    if status in (402, 408) or status >= 500:
+        return Outcome.FAILURE
+    return Outcome.IGNORED
+
+
+def is_transient(status: int) -> bool:
+    """A quick failure worth one retry on the same deployment (breaker.md)."""
+    return status in _TRANSIENT_STATUSES
+
+
+def is_caller_fault(status: int) -> bool:
+    return status in _CALLER_FAULTS

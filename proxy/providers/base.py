@@ -1,0 +1,132 @@
+"""The seam between the forwarding loop and a wire format.
+
+An adapter turns an OpenAI-format request into an upstream HTTP request, turns
+the upstream's reply back into OpenAI format, and classifies upstream errors
+into breaker outcomes. Everything here is synchronous and I/O-free: the
+forwarding loop (``forward``) does the sending, the adapter only translates.
+
+Stream invariants every ``StreamTranslator`` keeps (wire-formats.md):
+- ``feed`` accepts upstream bytes split anywhere (inside an event, inside a
+  UTF-8 sequence) and returns complete OpenAI ``data:`` payloads in order;
+- ``has_content`` turns True with the first payload that carries content
+  (text, a tool call, a finish reason): before it, nothing has been shown to
+  the client and the request can still fail over;
+- an upstream error event raises ``StreamError`` (before or after content:
+  the caller decides between failover and an in-band error);
+- ``finish`` at upstream EOF returns the closing payloads (usage chunk if
+  asked, then ``[DONE]``) or raises ``StreamError`` if the terminal marker
+  never arrived, so a truncated stream is never a silent 200.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxy.outcome import Outcome
+from proxy.rules import Deployment, Provider
+
+JSONDict = dict[str, Any]
+
+DONE = "[DONE]"
+
+
+class Endpoint(enum.Enum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An upstream failure, classified.
+
+    ``status`` and ``body`` are what the client gets if this error is final
+    (``body`` already in OpenAI's error shape). ``retry_after`` is in seconds.
+    ``transient`` marks a quick failure worth one retry on the same deployment.
+    ``context_window`` marks a 'prompt too long' error, which may move on to a
+    candidate with a larger context window.
+    """
+
+    outcome: Outcome
+    status: int
+    body: JSONDict
+    retry_after: float | None = None
+    transient: bool = False
+    context_window: bool = False
+
+
+class StreamError(Exception):
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(str(info.body.get("error", {}).get("message", "stream error")))
+        self.info = info
+
+
+class StreamTranslator(Protocol):
+    has_content: bool
+    finished: bool  # the upstream's terminal marker was seen
+    usage: Usage | None
+
+    def feed(self, data: bytes) -> list[str]:
+        """Upstream bytes in; OpenAI SSE ``data:`` payloads (JSON text or ``[DONE]``) out."""
+        ...
+
+    def finish(self) -> list[str]:
+        """At upstream EOF: the closing payloads, or StreamError if the stream was cut."""
+        ...
+
+
+class ProviderAdapter(Protocol):
+    def build_request(
+        self,
+        endpoint: Endpoint,
+        body: JSONDict,
+        provider: Provider,
+        deployment: Deployment,
+        api_key: str | None,
+        stream: bool,
+    ) -> UpstreamRequest:
+        """The upstream request; raises proxy.errors.InvalidRequest for untranslatable fields.
+
+        ``body`` is the client's OpenAI request (the ``circuit_breaker`` extension
+        already removed); it must not be mutated.
+        """
+        ...
+
+    def parse_response(
+        self, endpoint: Endpoint, body: bytes, deployment: Deployment, client_model: str
+    ) -> JSONDict:
+        """A 2xx upstream body -> the OpenAI response object (``model`` = client_model)."""
+        ...
+
+    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ErrorInfo:
+        """A non-2xx upstream reply -> its outcome and the OpenAI error the client would get."""
+        ...
+
+    def stream_translator(
+        self, endpoint: Endpoint, deployment: Deployment, client_model: str, include_usage: bool
+    ) -> StreamTranslator: ...
+
+    def health_request(self, provider: Provider, api_key: str | None) -> UpstreamRequest:
+        """A cheap request that tells whether the upstream is up (its models endpoint)."""
+        ...
