@@ -110,7 +110,8 @@ class Metrics:
         )
         self.time_to_first_token = Histogram(
             "cb_proxy_time_to_first_token_seconds",
-            "Time from sending upstream to the response headers (plain) or first content event (stream).",
+            "Time from sending upstream to the response headers (plain) "
+            "or the first content event (stream).",
             ["upstream"],
             buckets=TTFT_BUCKETS,
             registry=r,
@@ -129,7 +130,8 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "cb_proxy_fallbacks_total",
-            "Requests served by a candidate other than the first: which upstream stood in for which.",
+            "Requests served by a candidate other than the first: "
+            "which upstream stood in for which.",
             ["primary", "served_by"],
             registry=r,
         )

@@ -96,7 +96,9 @@ class StreamTranslator(Protocol):
         ...
 
 
-class ProviderAdapter(Protocol):
+class RequestAdapter(Protocol):
+    """What every upstream format provides: requests out, errors classified."""
+
     def build_request(
         self,
         endpoint: Endpoint,
@@ -113,20 +115,24 @@ class ProviderAdapter(Protocol):
         """
         ...
 
+    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ErrorInfo:
+        """A non-2xx upstream reply -> its outcome and the OpenAI error the client would get."""
+        ...
+
+    def health_request(self, provider: Provider, api_key: str | None) -> UpstreamRequest:
+        """A cheap request that tells whether the upstream is up (its models endpoint)."""
+        ...
+
+
+class ProviderAdapter(RequestAdapter, Protocol):
+    """A format other than OpenAI's: replies and streams are translated back."""
+
     def parse_response(
         self, endpoint: Endpoint, body: bytes, deployment: Deployment, client_model: str
     ) -> JSONDict:
         """A 2xx upstream body -> the OpenAI response object (``model`` = client_model)."""
         ...
 
-    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ErrorInfo:
-        """A non-2xx upstream reply -> its outcome and the OpenAI error the client would get."""
-        ...
-
     def stream_translator(
         self, endpoint: Endpoint, deployment: Deployment, client_model: str, include_usage: bool
     ) -> StreamTranslator: ...
-
-    def health_request(self, provider: Provider, api_key: str | None) -> UpstreamRequest:
-        """A cheap request that tells whether the upstream is up (its models endpoint)."""
-        ...

@@ -1,0 +1,243 @@
+"""The OpenAI-compatible endpoints.
+
+/v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models.
+
+Each handler reads the body once (orjson), checks the shape the OpenAI API
+requires (a clear 400 otherwise), pops the ``circuit_breaker`` extension (it
+is never forwarded upstream), plans the route and hands over to ``forward``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import InvalidRequest, PayloadTooLarge
+from proxy.forward import Exchange, serve
+from proxy.providers.base import Endpoint, JSONDict
+from proxy.router import EXTENSION_KEY, parse_prefs, plan_route
+from proxy.state import MODEL_LABEL_KEY, STREAM_KEY, UPSTREAM_SECONDS_KEY, ProxyState
+
+STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
+REQUEST_ID_MAX = 128
+MODEL_OWNER = "cb-proxy"
+
+
+def request_id(request: web.Request) -> str:
+    """The client's x-request-id when it is sane, otherwise a fresh one."""
+    given = request.headers.get("x-request-id")
+    if given and len(given) <= REQUEST_ID_MAX and given.isprintable():
+        return given
+    return "req_" + os.urandom(12).hex()
+
+
+async def read_json(request: web.Request) -> JSONDict:
+    limit = request.app[STATE].settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"request body is {request.content_length} bytes; the limit is {limit}"
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+    if not raw:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _require_str(body: JSONDict, key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        raise InvalidRequest(
+            f"you must provide a '{key}' parameter", param=key, code="missing_required_parameter"
+        )
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"'{key}' must be a non-empty string", param=key, code="invalid_type")
+    return value
+
+
+def _check_messages(body: JSONDict) -> None:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest(
+            "you must provide a 'messages' parameter",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest(
+            "'messages' must be a non-empty array", param="messages", code="invalid_type"
+        )
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise InvalidRequest(
+                f"'messages[{i}]' must be an object", param=f"messages[{i}]", code="invalid_type"
+            )
+        role = msg.get("role")
+        if not isinstance(role, str):
+            raise InvalidRequest(
+                f"'messages[{i}].role' is required and must be a string",
+                param=f"messages[{i}].role",
+                code="invalid_type",
+            )
+
+
+def _stream_flags(body: JSONDict) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest(
+            "'stream_options' must be an object", param="stream_options", code="invalid_type"
+        )
+    include_usage = bool(options and options.get("include_usage"))
+    return stream, include_usage
+
+
+async def _dispatch(
+    request: web.Request, endpoint: Endpoint, body: JSONDict, stream: bool, include_usage: bool
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    rules = state.rules  # read once: the request keeps these rules even if a reload swaps them
+    model = _require_str(body, "model")
+    prefs = parse_prefs(body.pop(EXTENSION_KEY, None))
+    plan = plan_route(rules, model, request.headers, prefs, state)
+    request[MODEL_LABEL_KEY] = plan.resolved
+    request[STREAM_KEY] = stream
+    ex = Exchange(
+        request=request,
+        state=state,
+        rules=rules,
+        endpoint=endpoint,
+        body=body,
+        stream=stream,
+        plan=plan,
+        request_id=request[REQUEST_ID],
+        started=time.perf_counter(),
+        include_usage=include_usage,
+    )
+    request[EXCHANGE_KEY] = ex
+    try:
+        return await serve(ex)
+    finally:
+        request[UPSTREAM_SECONDS_KEY] = ex.upstream_seconds
+
+
+REQUEST_ID = "cb_request_id"
+EXCHANGE_KEY = "cb_exchange"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    _require_str(body, "model")
+    _check_messages(body)
+    stream, include_usage = _stream_flags(body)
+    return await _dispatch(request, Endpoint.CHAT, body, stream, include_usage)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    _require_str(body, "model")
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise InvalidRequest(
+            "you must provide a 'prompt' parameter",
+            param="prompt",
+            code="missing_required_parameter",
+        )
+    if not isinstance(prompt, str | list):
+        raise InvalidRequest(
+            "'prompt' must be a string or an array", param="prompt", code="invalid_type"
+        )
+    stream, include_usage = _stream_flags(body)
+    return await _dispatch(request, Endpoint.COMPLETIONS, body, stream, include_usage)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    _require_str(body, "model")
+    value = body.get("input")
+    if value is None:
+        raise InvalidRequest(
+            "you must provide an 'input' parameter",
+            param="input",
+            code="missing_required_parameter",
+        )
+    if not isinstance(value, str | list) or value == [] or value == "":
+        raise InvalidRequest(
+            "'input' must be a non-empty string or array", param="input", code="invalid_type"
+        )
+    if body.get("stream"):
+        raise InvalidRequest("embeddings cannot be streamed", param="stream")
+    return await _dispatch(request, Endpoint.EMBEDDINGS, body, False, False)
+
+
+def models_payload(state: ProxyState) -> JSONDict:
+    rules = state.rules
+    created = int(state.started_at)
+    data: list[dict[str, Any]] = []
+    for model in rules.models.values():
+        providers = sorted({d.provider for d in model.deployments})
+        entry = {
+            "id": model.name,
+            "object": "model",
+            "created": created,
+            "owned_by": ",".join(providers),
+        }
+        if model.description:
+            entry["description"] = model.description
+        data.append(entry)
+        for alias in model.aliases:
+            data.append(
+                {
+                    "id": alias,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": ",".join(providers),
+                    "alias_of": model.name,
+                }
+            )
+    for vm in rules.virtual_models.values():
+        data.append(
+            {
+                "id": vm.name,
+                "object": "model",
+                "created": created,
+                "owned_by": MODEL_OWNER,
+                "virtual": True,
+                "strategy": vm.strategy,
+                "description": vm.description or f"virtual model: {vm.strategy} routing",
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.Response(body=orjson.dumps(models_payload(state)), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    # Some clients are configured without the /v1 prefix.
+    app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_post("/completions", completions)
+    app.router.add_post("/embeddings", embeddings)
+    app.router.add_get("/models", list_models)

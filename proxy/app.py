@@ -1,0 +1,193 @@
+"""The aiohttp applications: the API (loopback, port 3000) and the metrics/admin listener.
+
+``create_app`` builds the API app around a ``ProxyState``; ``create_admin_app``
+builds the metrics listener's app on the same state. The API app owns the
+shared resources in its ``cleanup_ctx``: the one ``ClientSession`` (tuned
+connector, keep-alive, cached DNS) and the rules file watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+
+import aiohttp
+from aiohttp import web
+
+from proxy import admin, api
+from proxy.api import REQUEST_ID, STATE, request_id
+from proxy.errors import (
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamHTTPError,
+)
+from proxy.rules import RulesError, file_fingerprint, load_rules
+from proxy.state import ProxyState
+
+LOG = logging.getLogger("cb_proxy")
+# Connection pool: a sidecar serves one app; 256 keep-alive connections per upstream host is ample.
+CONNECTOR_LIMIT = 1024
+CONNECTOR_LIMIT_PER_HOST = 256
+DNS_CACHE_SECONDS = 300
+KEEPALIVE_SECONDS = 30
+ENDPOINT_NAMES = {
+    "/v1/chat/completions": "chat",
+    "/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/embeddings": "embeddings",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def render_error(err: ProxyError, rid: str) -> web.Response:
+    headers = {"x-request-id": rid, **err.headers}
+    if isinstance(err, UpstreamHTTPError):
+        headers.setdefault("x-should-retry", "false" if err.http_status < 500 else "true")
+    return web.Response(
+        status=err.http_status, body=err.to_json(), content_type="application/json", headers=headers
+    )
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyError:
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(f"unknown endpoint {request.method} {request.path}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"method {request.method} is not allowed on {request.path}")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("request body exceeds the limit")
+    err = ProxyError(exc.reason or "error")
+    err.status = exc.status  # type: ignore[misc]
+    return err
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as OpenAI JSON with x-request-id; one place, one log line per request."""
+    state = request.app[STATE]
+    rid = request_id(request)
+    request[REQUEST_ID] = rid
+    endpoint = ENDPOINT_NAMES.get(request.path)
+    started = time.perf_counter()
+    state.in_flight += 1
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ProxyError as err:
+        status = err.http_status
+        if status >= 500:
+            LOG.warning("request %s failed: %s", rid, err.message)
+        return render_error(err, rid)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        converted = _from_http_exception(exc, request)
+        status = converted.http_status
+        return render_error(converted, rid)
+    except Exception:
+        LOG.exception("request %s: unexpected error", rid)
+        status = 500
+        return render_error(ProxyError("internal error in the proxy"), rid)
+    finally:
+        state.in_flight -= 1
+        if endpoint is not None:
+            state.record_request(endpoint, request, status, time.perf_counter() - started)
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    connector = aiohttp.TCPConnector(
+        limit=CONNECTOR_LIMIT,
+        limit_per_host=CONNECTOR_LIMIT_PER_HOST,
+        ttl_dns_cache=DNS_CACHE_SECONDS,
+        keepalive_timeout=KEEPALIVE_SECONDS,
+        enable_cleanup_closed=False,
+    )
+    # total=None: aiohttp's default 300 s total must not cut long streams (breaker.md).
+    state.session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+    )
+    yield
+    await state.session.close()
+    state.session = None
+
+
+def reload_rules(state: ProxyState) -> bool:
+    """Load the rules file again; keep the rules in force on any problem."""
+    path = state.settings.rules_path
+    try:
+        rules = load_rules(path)
+    except RulesError as err:
+        state.metrics.rules_reloads.labels("error").inc()
+        LOG.error("rules file %s rejected, keeping the rules in force:\n%s", path, err)
+        return False
+    except OSError as exc:
+        state.metrics.rules_reloads.labels("error").inc()
+        LOG.error("rules file %s unreadable, keeping the rules in force: %s", path, exc)
+        return False
+    state.swap_rules(rules)
+    state.metrics.rules_reloads.labels("ok").inc()
+    state.metrics.rules_info.set(time.time())
+    LOG.info("rules reloaded from %s", path)
+    return True
+
+
+async def watch_rules(
+    state: ProxyState, interval: float, changed: asyncio.Event | None = None
+) -> None:
+    """Poll the rules file; a Kubernetes ConfigMap update is a symlink swap, which stat sees."""
+    path = state.settings.rules_path
+    seen = file_fingerprint(path)
+    while True:
+        await asyncio.sleep(interval)
+        current = file_fingerprint(path)
+        if current is None or current == seen:
+            continue
+        seen = current
+        reload_rules(state)
+        if changed is not None:
+            changed.set()
+
+
+async def _rules_watcher(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    task = asyncio.create_task(
+        watch_rules(state, state.settings.reload_interval), name="rules-watcher"
+    )
+    yield
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(state: ProxyState) -> web.Application:
+    """The OpenAI-compatible API app; owns the shared client session and the rules watcher."""
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=state.settings.max_body_bytes
+    )
+    app[STATE] = state
+    api.add_routes(app)
+    admin.add_routes(app, api_port=True)
+    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_rules_watcher)
+    return app
+
+
+def create_admin_app(state: ProxyState) -> web.Application:
+    """The metrics listener: /metrics, /healthz, /readyz and the admin API."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app[STATE] = state
+    admin.add_routes(app, api_port=False)
+    return app

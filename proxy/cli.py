@@ -1,0 +1,187 @@
+"""`cb-proxy serve | check | explain | mock | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from proxy.logs import setup_logging
+from proxy.router import RequestPrefs, StaticView, parse_prefs, plan_route
+from proxy.rules import STRATEGIES, TASK_TYPES, RulesError, format_problems, load_rules
+from proxy.settings import SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cb-proxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--rules", help="rules file (env CB_RULES)")
+    serve.add_argument("--listen", help="API HOST:PORT (env CB_LISTEN, default 127.0.0.1:3000)")
+    serve.add_argument("--metrics-listen", help="metrics/admin HOST:PORT (env CB_METRICS_LISTEN)")
+    serve.add_argument("--log-level", help="debug|info|warning|error (env LOG_LEVEL)")
+    serve.add_argument("--log-format", help="json|text (env CB_LOG_FORMAT)")
+    serve.add_argument(
+        "--max-body-bytes", help="request body limit (env CB_MAX_BODY_BYTES, 20 MiB)"
+    )
+    serve.add_argument(
+        "--grace-period", help="seconds to drain on SIGTERM (env CB_GRACE_PERIOD, 25)"
+    )
+
+    check = sub.add_parser("check", help="validate a rules file; exit 1 on any problem")
+    check.add_argument("file")
+
+    explain = sub.add_parser("explain", help="print the route plan a request would get")
+    explain.add_argument("--rules", required=True)
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--strategy", choices=STRATEGIES)
+    explain.add_argument("--task-type", choices=TASK_TYPES)
+    explain.add_argument("--max-cost", type=float, help="max USD per 1k tokens (input and output)")
+    explain.add_argument("--max-latency-ms", type=float)
+    explain.add_argument(
+        "--header", action="append", default=[], help="NAME=VALUE, for route matches"
+    )
+    explain.add_argument("prompt", nargs="?", default="")
+
+    mock = sub.add_parser("mock", help="run a mock upstream with fault control")
+    mock.add_argument("--format", choices=("openai", "anthropic", "gemini"), default="openai")
+    mock.add_argument("--listen", default="127.0.0.1:18081")
+    mock.add_argument("--name", default=None, help="name reported in x-mock-upstream")
+    mock.add_argument("--latency-ms", type=float, default=0.0)
+    mock.add_argument("--tokens-per-second", type=float, default=None)
+
+    demo = sub.add_parser("demo", help="mock upstreams + proxy + a scripted tour")
+    demo.add_argument("--exit-after-tour", action="store_true", help="stop after the tour")
+    demo.add_argument("--port", type=int, default=3000, help="proxy API port")
+    return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from proxy import server
+
+    try:
+        settings = load_settings(
+            os.environ,
+            {
+                "rules": args.rules,
+                "listen": args.listen,
+                "metrics_listen": args.metrics_listen,
+                "log_level": args.log_level,
+                "log_format": args.log_format,
+                "max_body_bytes": args.max_body_bytes,
+                "grace_period": args.grace_period,
+            },
+        )
+    except SettingsError as exc:
+        print(f"cb-proxy: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        rules = load_rules(settings.rules_path)
+    except RulesError as err:
+        print(format_problems(err), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cb-proxy: cannot read rules file: {exc}", file=sys.stderr)
+        return 1
+    result = server.run(lambda: server.serve(settings, rules))
+    return result if isinstance(result, int) else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        rules = load_rules(args.file)
+    except RulesError as err:
+        print(format_problems(err))
+        return 1
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc}")
+        return 1
+    print(
+        f"{args.file}: ok ({len(rules.providers)} providers, {len(rules.models)} models, "
+        f"{len(rules.virtual_models)} virtual models, {len(rules.routes)} routes)"
+    )
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        rules = load_rules(args.rules)
+    except RulesError as err:
+        print(format_problems(err))
+        return 1
+    raw: dict[str, object] = {}
+    if args.strategy:
+        raw["routing_strategy"] = args.strategy
+    if args.task_type:
+        raw["task_type"] = args.task_type
+    if args.max_cost is not None:
+        raw["max_cost_per_1k_tokens"] = args.max_cost
+    if args.max_latency_ms is not None:
+        raw["max_latency_ms"] = args.max_latency_ms
+    prefs: RequestPrefs = parse_prefs(raw)
+    headers = dict(h.split("=", 1) for h in args.header if "=" in h)
+    headers = {k.lower(): v for k, v in headers.items()}
+    from proxy.errors import ProxyError
+
+    try:
+        plan = plan_route(rules, args.model, headers, prefs, StaticView())
+    except ProxyError as err:
+        print(f"error {err.http_status}: {err.message}")
+        return 1
+    print(f"requested: {plan.requested}")
+    print(f"resolved:  {plan.resolved}")
+    print(f"strategy:  {plan.strategy}")
+    print(f"route:     {plan.header()}")
+    print("candidates (in order):")
+    for i, cand in enumerate(plan.candidates, 1):
+        dep = cand.deployment
+        print(
+            f"  {i}. {dep.key} -> {cand.provider.type} {dep.upstream_model} "
+            f"(in ${dep.input_cost_per_1k}/1k, out ${dep.output_cost_per_1k}/1k)"
+        )
+    if plan.rejected:
+        print("rejected:")
+        for rej in plan.rejected:
+            print(f"  - {rej.deployment}: {rej.reason}")
+    return 0
+
+
+def _cmd_mock(args: argparse.Namespace) -> int:
+    from proxy.mock import run_mock
+    from proxy.settings import parse_host_port
+
+    where = parse_host_port(args.listen, "--listen")
+    run_mock(
+        args.format,
+        where.host,
+        where.port,
+        name=args.name or args.format,
+        latency_ms=args.latency_ms,
+        tokens_per_second=args.tokens_per_second,
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return int(run_demo(port=args.port, exit_after_tour=args.exit_after_tour))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {
+        "serve": _cmd_serve,
+        "check": _cmd_check,
+        "explain": _cmd_explain,
+        "mock": _cmd_mock,
+        "demo": _cmd_demo,
+    }
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

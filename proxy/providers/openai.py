@@ -1,0 +1,312 @@
+"""OpenAI-compatible upstreams (OpenAI, vLLM, Ollama, ...): a byte relay.
+
+The request body is re-serialized once to rewrite ``model`` (and to ask for
+usage in streams); responses are not re-encoded except to add the proxy's
+``circuit_breaker`` metadata to JSON bodies. A stream's bytes are forwarded as
+they arrive: the relay only looks inside events until the first content event
+(the commit point, so an early failure can still fail over) and afterwards
+only at events that can carry usage, an error or the terminal marker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from proxy.errors import error_body
+from proxy.outcome import Outcome, classify_status, is_transient
+from proxy.providers.base import (
+    Endpoint,
+    ErrorInfo,
+    JSONDict,
+    StreamError,
+    UpstreamRequest,
+    Usage,
+)
+from proxy.ratelimit import parse_retry_after
+from proxy.rules import Deployment, Provider
+
+PATHS = {
+    Endpoint.CHAT: "/chat/completions",
+    Endpoint.COMPLETIONS: "/completions",
+    Endpoint.EMBEDDINGS: "/embeddings",
+}
+CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
+EVENT_SEP = b"\n\n"
+DONE_EVENT = b"data: [DONE]"
+DONE_FRAME = b"data: [DONE]\n\n"
+# Markers that make an event worth parsing after the commit point.
+USAGE_MARK = b'"usage":{'
+USAGE_MARK_SPACED = b'"usage": {'
+ERROR_MARK = b'"error"'
+FINISH_MARK = b'"finish_reason":"'
+FINISH_MARK_SPACED = b'"finish_reason": "'
+
+
+def _headers(provider: Provider, api_key: str | None) -> dict[str, str]:
+    headers = {"content-type": "application/json", **provider.headers}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+class OpenAIAdapter:
+    """Builds requests and classifies errors; streams go through ``OpenAIStreamRelay``."""
+
+    def build_request(
+        self,
+        endpoint: Endpoint,
+        body: JSONDict,
+        provider: Provider,
+        deployment: Deployment,
+        api_key: str | None,
+        stream: bool,
+    ) -> UpstreamRequest:
+        upstream = dict(body)
+        upstream["model"] = deployment.upstream_model
+        if stream and endpoint is not Endpoint.EMBEDDINGS:
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage")):
+                # Ask for usage so cost can be accounted; the relay drops the extra chunk.
+                upstream["stream_options"] = {**(options or {}), "include_usage": True}
+        return UpstreamRequest(
+            "POST",
+            provider.base_url + PATHS[endpoint],
+            _headers(provider, api_key),
+            orjson.dumps(upstream),
+        )
+
+    def health_request(self, provider: Provider, api_key: str | None) -> UpstreamRequest:
+        path = provider.health_check.path or "/models"
+        return UpstreamRequest("GET", provider.base_url + path, _headers(provider, api_key))
+
+    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ErrorInfo:
+        payload: Any = None
+        try:
+            payload = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            payload = None
+        err = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(err, dict) and "message" in err:
+            client_body: JSONDict = {
+                "error": {
+                    "message": err.get("message"),
+                    "type": err.get("type"),
+                    "param": err.get("param"),
+                    "code": err.get("code"),
+                }
+            }
+            code = err.get("code") if isinstance(err.get("code"), str) else None
+        else:
+            text = body[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
+            client_body = error_body(status, f"upstream returned HTTP {status}: {text}")
+            code = None
+        return ErrorInfo(
+            outcome=classify_status(status, code),
+            status=status,
+            body=client_body,
+            retry_after=parse_retry_after(headers, time.time()),
+            transient=is_transient(status),
+            context_window=code in CONTEXT_CODES,
+        )
+
+
+def parse_usage(obj: Mapping[str, Any]) -> Usage | None:
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", 0)
+    completion = usage.get("completion_tokens", 0)
+    return Usage(
+        prompt if isinstance(prompt, int) else 0,
+        completion if isinstance(completion, int) else 0,
+    )
+
+
+def _event_json(event: bytes) -> Any:
+    """The JSON of a ``data:`` event, or None for comments, [DONE] and junk."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if data and data != b"[DONE]":
+                try:
+                    return orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    return None
+    return None
+
+
+def _has_content(chunk: Any) -> bool:
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
+            return True
+        if choice.get("text"):  # legacy completions stream
+            return True
+    return False
+
+
+def _stream_error(obj: Mapping[str, Any]) -> StreamError:
+    err = obj.get("error")
+    message = err.get("message", "upstream stream error") if isinstance(err, dict) else str(err)
+    code = err.get("code") if isinstance(err, dict) else None
+    return StreamError(
+        ErrorInfo(
+            outcome=Outcome.FAILURE,
+            status=502,
+            body={
+                "error": {
+                    "message": f"upstream stream error: {message}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": code if isinstance(code, str) else "upstream_stream_error",
+                }
+            },
+        )
+    )
+
+
+class OpenAIStreamRelay:
+    """Watches an OpenAI-format SSE byte stream and says what to forward.
+
+    ``feed`` returns the bytes to write to the client: nothing until the
+    first content event (held so a failing stream can still fail over), then
+    the held bytes, then every chunk as it came. ``strip_usage`` drops the
+    usage-only chunk the proxy asked for on the client's behalf.
+    """
+
+    __slots__ = ("_held", "_tail", "finished", "has_content", "saw_finish", "strip_usage", "usage")
+
+    def __init__(self, *, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self.has_content = False
+        self.finished = False  # [DONE] seen
+        self.saw_finish = False  # a finish_reason seen
+        self.usage: Usage | None = None
+        self._held: list[bytes] = []
+        self._tail = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if b"\r" in data:
+            # CRLF-framed upstreams (some proxies): normalise so splitting is uniform.
+            data = data.replace(b"\r\n", b"\n")
+        buf = self._tail + data
+        cut = buf.rfind(EVENT_SEP)
+        if cut < 0:
+            # Only whole events are forwarded: a client cannot use half an event anyway.
+            self._tail = buf
+            return b""
+        complete, self._tail = buf[: cut + 2], buf[cut + 2 :]
+        if not self.has_content:
+            return self._before_commit(complete)
+        return self._after_commit(complete)
+
+    def _before_commit(self, complete: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in complete.split(EVENT_SEP):
+            if not event:
+                continue
+            frame = event + EVENT_SEP
+            if event.startswith(DONE_EVENT):
+                self.finished = True
+                out.append(frame)
+                continue
+            obj = _event_json(event)
+            if isinstance(obj, dict):
+                if "error" in obj and "choices" not in obj:
+                    raise _stream_error(obj)
+                self._note(obj)
+                if self.strip_usage and obj.get("choices") == [] and "usage" in obj:
+                    continue
+                if not self.has_content and _has_content(obj):
+                    self.has_content = True
+            out.append(frame)
+        if not self.has_content and not self.finished:
+            self._held.extend(out)
+            return b""
+        held, self._held = self._held, []
+        return b"".join(held + out)
+
+    def _after_commit(self, complete: bytes) -> bytes:
+        interesting = (
+            USAGE_MARK in complete
+            or USAGE_MARK_SPACED in complete
+            or ERROR_MARK in complete
+            or DONE_EVENT in complete
+            or FINISH_MARK in complete
+            or FINISH_MARK_SPACED in complete
+        )
+        if not interesting:
+            return complete
+        out: list[bytes] = []
+        for event in complete.split(EVENT_SEP):
+            if not event:
+                continue
+            if event.startswith(DONE_EVENT):
+                self.finished = True
+                out.append(event + EVENT_SEP)
+                continue
+            if (
+                ERROR_MARK in event
+                or USAGE_MARK in event
+                or USAGE_MARK_SPACED in event
+                or (FINISH_MARK in event or FINISH_MARK_SPACED in event)
+            ):
+                obj = _event_json(event)
+                if isinstance(obj, dict):
+                    if "error" in obj and "choices" not in obj:
+                        raise _stream_error(obj)
+                    self._note(obj)
+                    if self.strip_usage and obj.get("choices") == [] and "usage" in obj:
+                        continue
+            out.append(event + EVENT_SEP)
+        return b"".join(out)
+
+    def _note(self, obj: Mapping[str, Any]) -> None:
+        usage = parse_usage(obj)
+        if usage is not None:
+            self.usage = usage
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self.saw_finish = True
+
+    def finish(self) -> bytes:
+        """At upstream EOF: remaining bytes; StreamError when the stream was cut short."""
+        rest = self._tail
+        self._tail = b""
+        if rest.strip():
+            rest = self.feed(rest + EVENT_SEP) if not rest.endswith(EVENT_SEP) else self.feed(rest)
+        else:
+            rest = b""
+        if self.finished:
+            return rest
+        if self.saw_finish:
+            # The answer is complete; some servers omit [DONE]: the SDKs expect it.
+            return rest + DONE_FRAME
+        raise StreamError(
+            ErrorInfo(
+                outcome=Outcome.FAILURE,
+                status=502,
+                body=error_body(
+                    502,
+                    "upstream stream ended before it was complete",
+                    code="upstream_stream_truncated",
+                ),
+            )
+        )
+
+    @property
+    def held(self) -> bool:
+        return bool(self._held)

@@ -1,0 +1,126 @@
+"""Environment and command-line flags -> one frozen ``Settings``.
+
+Precedence (design.md): flag > environment > built-in default; per-provider
+values in the rules file override the breaker defaults found here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_LISTEN = "127.0.0.1:3000"
+DEFAULT_METRICS_LISTEN = "0.0.0.0:9464"
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+# Kubernetes' default terminationGracePeriodSeconds is 30 s: drain in 25 s and leave 5 s to exit.
+DEFAULT_GRACE_PERIOD = 25.0
+DEFAULT_RULES = Path(__file__).parent / "data" / "default.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+LogFormat = Literal["json", "text"]
+
+
+class SettingsError(ValueError):
+    """A bad flag or environment value; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    rules_path: Path = DEFAULT_RULES
+    listen: HostPort = field(default_factory=lambda: parse_host_port(DEFAULT_LISTEN, "CB_LISTEN"))
+    metrics_listen: HostPort = field(
+        default_factory=lambda: parse_host_port(DEFAULT_METRICS_LISTEN, "CB_METRICS_LISTEN")
+    )
+    log_level: str = "info"
+    log_format: LogFormat = "text"
+    admin_token: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    grace_period: float = DEFAULT_GRACE_PERIOD
+    health_check_interval: float = 30.0
+    reload_interval: float = 1.0
+    # The process environment, kept for provider keys and breaker defaults (read once at start).
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_host_port(value: str, name: str) -> HostPort:
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise SettingsError(f"{name}: expected HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{name}: port out of range in {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return HostPort(host, port)
+
+
+def parse_bool(value: str, name: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {value!r}")
+
+
+def _number(value: str, name: str, *, minimum: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {value!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}, got {value!r}")
+    return number
+
+
+def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -> Settings:
+    """Build Settings from the environment and parsed flags (None = flag not given)."""
+
+    def pick(flag: str, env: str, default: str) -> tuple[str, str]:
+        given = flags.get(flag)
+        if given is not None:
+            return given, f"--{flag.replace('_', '-')}"
+        return environ.get(env, default), env
+
+    rules_text, _ = pick("rules", "CB_RULES", str(DEFAULT_RULES))
+    listen_text, listen_name = pick("listen", "CB_LISTEN", DEFAULT_LISTEN)
+    metrics_text, metrics_name = pick("metrics_listen", "CB_METRICS_LISTEN", DEFAULT_METRICS_LISTEN)
+    level, level_name = pick("log_level", "LOG_LEVEL", "info")
+    fmt, fmt_name = pick("log_format", "CB_LOG_FORMAT", "text")
+    body_text, body_name = pick("max_body_bytes", "CB_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))
+    grace_text, grace_name = pick("grace_period", "CB_GRACE_PERIOD", str(DEFAULT_GRACE_PERIOD))
+    health_text = environ.get("HEALTH_CHECK_INTERVAL", "30")
+    reload_text = environ.get("CB_RELOAD_INTERVAL", "1")
+
+    level = level.strip().lower()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"{level_name}: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    fmt = fmt.strip().lower()
+    if fmt not in ("json", "text"):
+        raise SettingsError(f"{fmt_name}: expected json or text, got {fmt!r}")
+    max_body = int(_number(body_text, body_name, minimum=1024))
+    return Settings(
+        rules_path=Path(rules_text),
+        listen=parse_host_port(listen_text, listen_name),
+        metrics_listen=parse_host_port(metrics_text, metrics_name),
+        log_level=level,
+        log_format="json" if fmt == "json" else "text",
+        admin_token=environ.get("CB_ADMIN_TOKEN") or None,
+        max_body_bytes=max_body,
+        grace_period=_number(grace_text, grace_name),
+        health_check_interval=_number(health_text, "HEALTH_CHECK_INTERVAL"),
+        reload_interval=_number(reload_text, "CB_RELOAD_INTERVAL", minimum=0.05),
+        environ=dict(environ),
+    )
