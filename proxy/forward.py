@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.breaker import CircuitBreaker, Permit
 from proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -44,17 +47,19 @@ from proxy.errors import (
 )
 from proxy.outcome import Outcome
 from proxy.providers.base import (
-    DONE,
     Endpoint,
     ErrorInfo,
     JSONDict,
+    RequestAdapter,
     StreamError,
     StreamTranslator,
+    UpstreamRequest,
     Usage,
 )
 from proxy.providers.openai import OpenAIStreamRelay, parse_usage
+from proxy.ratelimit import gate_seconds
 from proxy.router import Candidate, RoutePlan
-from proxy.rules import RuleSet
+from proxy.rules import RetryPolicy, RuleSet
 from proxy.state import ProxyState
 
 LOG = logging.getLogger("cb_proxy.forward")
@@ -63,6 +68,8 @@ ERROR_BODY_LIMIT = 256 * 1024  # an upstream error body larger than this is cut
 READ_CHUNK = 64 * 1024
 # Upstream response headers worth relaying: clients read rate-limit and timing headers.
 RELAYED_PREFIXES = ("x-ratelimit-", "openai-processing-ms", "openai-version")
+RETRY_BUDGET_FLOOR = 3
+DEFAULT_RETRY_AFTER = 1.0
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -96,13 +103,62 @@ class Exchange:
     response_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
 
-@dataclass(slots=True)
 class AttemptFailed(Exception):
     """An attempt that ended before anything reached the client."""
 
-    error: ProxyError
-    outcome: Outcome
-    info: ErrorInfo | None = None
+    def __init__(
+        self,
+        error: ProxyError,
+        outcome: Outcome,
+        info: ErrorInfo | None = None,
+        *,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.outcome = outcome
+        self.info = info
+        self.transient = transient
+        self.context_window: int | None = None  # of the candidate that failed
+
+
+class _Attempt:
+    """One upstream call: its candidate, breaker permit and timings."""
+
+    __slots__ = ("_done", "breaker", "cand", "index", "permit", "started", "ttft")
+
+    def __init__(
+        self, cand: Candidate, index: int, breaker: CircuitBreaker, permit: Permit, started: float
+    ) -> None:
+        self.cand = cand
+        self.index = index
+        self.breaker = breaker
+        self.permit = permit
+        self.started = started
+        self.ttft: float | None = None
+        self._done = False
+
+    def first_token(self) -> None:
+        if self.ttft is None:
+            self.ttft = time.monotonic() - self.started
+
+    def seconds(self, ex: Exchange) -> float:
+        elapsed = time.monotonic() - self.started
+        if not self._done:
+            self._done = True
+            ex.upstream_seconds += elapsed
+        return elapsed
+
+    def finish(self, ex: Exchange, outcome: Outcome, retry_after: float | None = None) -> None:
+        """Record the outcome once: breaker, metrics, time spent upstream."""
+        if self._done:
+            return
+        elapsed = self.seconds(ex)
+        latency = self.ttft if self.ttft is not None else elapsed
+        self.breaker.record(self.permit, outcome, latency * 1000.0, retry_after)
+        ex.state.record_attempt(
+            self.cand.provider, self.cand.deployment.model, outcome.value, elapsed, self.ttft
+        )
 
 
 def _client_error(info: ErrorInfo) -> ProxyError:
@@ -112,7 +168,8 @@ def _client_error(info: ErrorInfo) -> ProxyError:
     return UpstreamHTTPError(info.status, info.body, headers=headers)
 
 
-def _base_headers(ex: Exchange, cand: Candidate, index: int) -> dict[str, str]:
+def _base_headers(ex: Exchange, attempt: _Attempt) -> dict[str, str]:
+    cand = attempt.cand
     dep = cand.deployment
     return {
         "x-request-id": ex.request_id,
@@ -120,19 +177,21 @@ def _base_headers(ex: Exchange, cand: Candidate, index: int) -> dict[str, str]:
         "x-cb-model": dep.upstream_model,
         "x-cb-upstream": dep.key,
         "x-cb-attempts": str(ex.attempts),
-        "x-cb-fallback": "true" if index > 0 else "false",
-        "x-cb-breaker-state": "closed",
+        "x-cb-fallback": "true" if attempt.index > 0 else "false",
+        "x-cb-breaker-state": attempt.breaker.state.value,
         "x-cb-route": ex.plan.header(),
     }
 
 
-def _metadata(ex: Exchange, cand: Candidate, index: int, cost: float | None) -> JSONDict:
+def _metadata(ex: Exchange, attempt: _Attempt, cost: float | None) -> JSONDict:
+    cand = attempt.cand
     return {
         "provider": cand.provider.name,
         "model": cand.deployment.upstream_model,
         "upstream": cand.deployment.key,
-        "fallback_used": index > 0,
+        "fallback_used": attempt.index > 0,
         "attempts": ex.attempts,
+        "breaker_state": attempt.breaker.state.value,
         "cost_usd": cost,
         "route": ex.plan.header(),
     }
@@ -147,59 +206,140 @@ async def serve(ex: Exchange) -> web.StreamResponse:
     plan = ex.plan
     if not plan.candidates:
         raise _nothing_to_try(ex)
+    state = ex.state
+    policy = ex.rules.defaults.retry
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + plan.candidates[0].provider.timeouts.total
     errors: list[AttemptFailed] = []
+    open_waits: list[float] = []  # candidates skipped because their breaker is open
+    gate_waits: list[float] = []  # candidates skipped because their rate-limit gate is closed
     for index, cand in enumerate(plan.candidates):
-        if errors and errors[-1].info is not None and errors[-1].info.context_window:
-            last_window = plan.candidates[index - 1].context_window or 0
-            if (cand.context_window or 0) <= last_window:
-                continue
-        try:
-            return await _attempt(ex, cand, index)
-        except AttemptFailed as failed:
-            LOG.info(
-                "attempt %d on %s failed: %s (%s)",
-                ex.attempts,
-                cand.deployment.key,
-                failed.error.message,
-                failed.outcome.value,
-            )
-            if failed.outcome is Outcome.IGNORED and not (
-                failed.info is not None and failed.info.context_window
-            ):
-                raise failed.error from None
-            errors.append(failed)
-    raise _final_error(errors)
+        if ex.attempts >= policy.max_attempts or loop.time() >= deadline:
+            break
+        if _too_small_after(errors, cand):
+            continue
+        gate_key = (cand.provider.name, cand.deployment.upstream_model)
+        if not state.gates.is_open(gate_key):
+            gate_waits.append(state.gates.retry_after(gate_key))
+            state.metrics.rejections.labels(cand.provider.name, "rate_limited").inc()
+            continue
+        breaker = state.breaker(cand.provider.name)
+        retries = 0
+        while True:
+            permit = breaker.permit()
+            if permit is None:
+                open_waits.append(breaker.retry_after_seconds() or 1.0)
+                state.metrics.rejections.labels(cand.provider.name, "breaker_open").inc()
+                break
+            try:
+                return await _attempt(ex, cand, index, breaker, permit)
+            except AttemptFailed as failed:
+                failed.context_window = cand.context_window
+                LOG.info(
+                    "request %s attempt %d on %s failed (%s): %s",
+                    ex.request_id,
+                    ex.attempts,
+                    cand.deployment.key,
+                    failed.outcome.value,
+                    failed.error.message,
+                )
+                if failed.outcome is Outcome.IGNORED and not (
+                    failed.info is not None and failed.info.context_window
+                ):
+                    raise failed.error from None
+                if failed.outcome is Outcome.RATE_LIMITED:
+                    retry_after = failed.info.retry_after if failed.info else None
+                    state.gates.close(gate_key, gate_seconds(retry_after))
+                wait = _retry_wait(failed, policy, state)
+                if (
+                    wait is not None
+                    and retries < policy.same_deployment_retries
+                    and ex.attempts < policy.max_attempts
+                    and loop.time() + wait < deadline
+                    and state.retries_in_flight < _retry_budget(state, policy)
+                ):
+                    retries += 1
+                    state.metrics.retries.labels(cand.provider.name).inc()
+                    state.retries_in_flight += 1
+                    try:
+                        await asyncio.sleep(wait)  # backoff before the retry, not a test wait
+                    finally:
+                        state.retries_in_flight -= 1
+                    continue
+                errors.append(failed)
+                break
+    raise _final_error(errors, open_waits, gate_waits)
+
+
+def _too_small_after(errors: list[AttemptFailed], cand: Candidate) -> bool:
+    """After a context-window error, only a candidate with a larger window can help."""
+    if not errors or errors[-1].info is None or not errors[-1].info.context_window:
+        return False
+    return (cand.context_window or 0) <= (errors[-1].context_window or 0)
+
+
+def _retry_budget(state: ProxyState, policy: RetryPolicy) -> float:
+    """Retries in flight never exceed max(3, budget_ratio of active requests) (breaker.md)."""
+    return max(RETRY_BUDGET_FLOOR, policy.budget_ratio * state.in_flight)
+
+
+def _retry_wait(failed: AttemptFailed, policy: RetryPolicy, state: ProxyState) -> float | None:
+    """Seconds to wait before retrying the same deployment, or None for no retry."""
+    if not failed.transient:
+        return None  # timeouts and non-transient failures move on to the next candidate
+    retry_after = failed.info.retry_after if failed.info is not None else None
+    if retry_after is not None:
+        return retry_after if retry_after <= policy.max_retry_wait else None
+    if failed.outcome is Outcome.RATE_LIMITED:
+        return None  # a 429 without a short Retry-After: fail over at once
+    # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
+    return state.rng.uniform(policy.backoff_ms, policy.max_backoff_ms) / 1000.0
 
 
 def _nothing_to_try(ex: Exchange) -> ProxyError:
     plan = ex.plan
     reasons = "; ".join(f"{r.deployment}: {r.reason}" for r in plan.rejected) or "no deployments"
-    if plan.blocked and len(plan.blocked) == len(plan.rejected):
-        return ServiceUnavailable(
-            f"every upstream for '{plan.requested}' is unavailable: {reasons}"
-        )
+    if plan.rejected and all(r.reason.startswith("no key") for r in plan.rejected):
+        return ServiceUnavailable(f"no upstream for '{plan.requested}' is configured: {reasons}")
     return InvalidRequest(
         f"no upstream can serve '{plan.requested}': {reasons}", param="model", code="no_candidates"
     )
 
 
-def _final_error(errors: list[AttemptFailed]) -> ProxyError:
-    if not errors:
-        return UpstreamError("no candidate could be tried")
-    if all(e.outcome is Outcome.RATE_LIMITED for e in errors):
+def _final_error(
+    errors: list[AttemptFailed], open_waits: list[float], gate_waits: list[float]
+) -> ProxyError:
+    if errors and not all(e.outcome is Outcome.RATE_LIMITED for e in errors):
+        return errors[0].error
+    if errors or gate_waits:
         waits = [e.info.retry_after for e in errors if e.info and e.info.retry_after is not None]
-        wait = min(waits) if waits else 1.0
-        return RateLimited(
-            "every upstream for this model is rate-limited; retry later",
-            headers={
-                "retry-after": str(max(1, round(wait))),
-                "retry-after-ms": str(int(wait * 1000)),
-            },
+        waits.extend(gate_waits)
+        if not open_waits:
+            wait = min(waits) if waits else DEFAULT_RETRY_AFTER
+            return RateLimited(
+                "every upstream for this model is rate-limited; retry later",
+                headers=_retry_headers(wait),
+            )
+    if open_waits or gate_waits:
+        wait = min(open_waits + gate_waits)
+        return ServiceUnavailable(
+            "every upstream for this model is unavailable (circuit breaker open); retry later",
+            code="circuit_open",
+            headers=_retry_headers(wait),
         )
-    return errors[0].error
+    return UpstreamError("no candidate could be tried")
 
 
-async def _attempt(ex: Exchange, cand: Candidate, index: int) -> web.StreamResponse:
+def _retry_headers(seconds: float) -> dict[str, str]:
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }
+
+
+async def _attempt(
+    ex: Exchange, cand: Candidate, index: int, breaker: CircuitBreaker, permit: Permit
+) -> web.StreamResponse:
     state = ex.state
     session = state.session
     if session is None:
@@ -215,10 +355,33 @@ async def _attempt(ex: Exchange, cand: Candidate, index: int) -> web.StreamRespo
             ex.stream,
         )
     except ProxyError as exc:
-        # This candidate cannot express the request (e.g. n > 1 for Anthropic): a caller
-        # fault for it, but a later candidate of another format may still serve.
+        # This candidate cannot express the request (e.g. n > 1 for Anthropic). Nothing was
+        # sent, so the breaker learns nothing; a candidate of another format may still serve.
+        breaker.release(permit)
         raise AttemptFailed(exc, Outcome.FAILURE) from None
     ex.attempts += 1
+    attempt = _Attempt(cand, index, breaker, permit, time.monotonic())
+    try:
+        return await _send(ex, attempt, session, req, adapter)
+    except AttemptFailed as failed:
+        retry_after = failed.info.retry_after if failed.info else None
+        attempt.finish(ex, failed.outcome, retry_after)
+        raise
+    except BaseException:
+        # Cancelled (the client went away) or a bug: no outcome for the breaker.
+        breaker.release(permit)
+        attempt.seconds(ex)
+        raise
+
+
+async def _send(
+    ex: Exchange,
+    attempt: _Attempt,
+    session: aiohttp.ClientSession,
+    req: UpstreamRequest,
+    adapter: RequestAdapter,
+) -> web.StreamResponse:
+    cand = attempt.cand
     timeouts = cand.provider.timeouts
     loop = asyncio.get_running_loop()
     sent = loop.time()
@@ -238,76 +401,85 @@ async def _attempt(ex: Exchange, cand: Candidate, index: int) -> web.StreamRespo
                 if resp.status >= 300:
                     raw = await resp.content.read(ERROR_BODY_LIMIT)
                     info = adapter.classify_error(resp.status, resp.headers, raw)
-                    raise AttemptFailed(_client_error(info), info.outcome, info)
+                    raise AttemptFailed(
+                        _client_error(info), info.outcome, info, transient=info.transient
+                    )
                 if not ex.stream:
+                    attempt.first_token()
                     deadline.reschedule(min(loop.time() + timeouts.idle, total_deadline))
                     phase = _Phase.IDLE
                     raw = await resp.read()
-                    ex.upstream_seconds += loop.time() - sent
-                    return _plain_response(ex, cand, index, resp.headers, raw)
-                return await _stream(ex, cand, index, resp, deadline, total_deadline, sent)
-    except AttemptFailed:
-        ex.upstream_seconds += loop.time() - sent
-        raise
+                    obj = _reply_object(ex, attempt, raw)
+                    attempt.finish(ex, Outcome.SUCCESS)  # before the headers read its state
+                    return _plain_response(ex, attempt, resp.headers, raw, obj)
+                return await _stream(ex, attempt, resp, deadline, total_deadline)
     except TimeoutError:
-        ex.upstream_seconds += loop.time() - sent
         what = {
             _Phase.CONNECT: "waiting for the response headers",
             _Phase.FIRST_TOKEN: "waiting for the first token",
-            _Phase.IDLE: "waiting for more data",
+            _Phase.IDLE: "waiting for the rest of the body",
         }[phase]
         if loop.time() >= total_deadline:
-            what = "the total deadline passed"
+            what = "at the total deadline"
         raise AttemptFailed(
             UpstreamTimeout(f"upstream {cand.deployment.key} timed out {what}"), Outcome.FAILURE
         ) from None
     except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
-        ex.upstream_seconds += loop.time() - sent
         raise AttemptFailed(
-            UpstreamTimeout(f"upstream {cand.deployment.key} timed out connecting: {exc}"),
+            UpstreamTimeout(f"upstream {cand.deployment.key} timed out connecting ({exc})"),
             Outcome.FAILURE,
+        ) from None
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+        # Refused or reset before any reply: quick and transient, worth one retry.
+        raise AttemptFailed(
+            UpstreamError(f"upstream {cand.deployment.key} unreachable: {exc}"),
+            Outcome.FAILURE,
+            transient=phase == _Phase.CONNECT or isinstance(exc, aiohttp.ServerDisconnectedError),
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        ex.upstream_seconds += loop.time() - sent
         raise AttemptFailed(
-            UpstreamError(
-                f"upstream {cand.deployment.key} failed: {type(exc).__name__}: {exc}".rstrip(": ")
-            ),
+            UpstreamError(f"upstream {cand.deployment.key} failed: {type(exc).__name__}: {exc}"),
             Outcome.FAILURE,
         ) from None
 
 
-def _plain_response(
-    ex: Exchange, cand: Candidate, index: int, upstream_headers: Mapping[str, str], raw: bytes
-) -> web.Response:
-    state = ex.state
-    if cand.provider.type == "openai":
+def _reply_object(ex: Exchange, attempt: _Attempt, raw: bytes) -> JSONDict:
+    """The upstream's 2xx body as an OpenAI response object; AttemptFailed if unusable."""
+    cand = attempt.cand
+    if cand.provider.type != "openai":
         try:
-            obj: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise AttemptFailed(
-                UpstreamError(f"upstream {cand.deployment.key} sent invalid JSON"), Outcome.FAILURE
-            ) from None
-        if not isinstance(obj, dict):
-            raise AttemptFailed(
-                UpstreamError(f"upstream {cand.deployment.key} sent a non-object reply"),
-                Outcome.FAILURE,
-            )
-    else:
-        try:
-            obj = state.translators[cand.provider.type].parse_response(
+            return ex.state.translators[cand.provider.type].parse_response(
                 ex.endpoint, raw, cand.deployment, cand.deployment.upstream_model
             )
         except ProxyError as exc:
             raise AttemptFailed(exc, Outcome.FAILURE) from None
-    usage = parse_usage(obj)
-    cost = _account(ex, cand, usage)
-    headers = _base_headers(ex, cand, index)
+    try:
+        obj: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise AttemptFailed(
+            UpstreamError(f"upstream {cand.deployment.key} sent a reply that is not a JSON object"),
+            Outcome.FAILURE,
+        )
+    return obj
+
+
+def _plain_response(
+    ex: Exchange,
+    attempt: _Attempt,
+    upstream_headers: Mapping[str, str],
+    raw: bytes,
+    obj: JSONDict,
+) -> web.Response:
+    cand = attempt.cand
+    cost = _account(ex, cand, parse_usage(obj))
+    headers = _base_headers(ex, attempt)
     headers.update(_relayed(upstream_headers))
     if cost is not None:
         headers["x-cb-cost-usd"] = f"{cost:.8f}"
     if ex.rules.defaults.response_metadata:
-        obj["circuit_breaker"] = _metadata(ex, cand, index, cost)
+        obj["circuit_breaker"] = _metadata(ex, attempt, cost)
         body = orjson.dumps(obj)
     else:
         body = raw if cand.provider.type == "openai" else orjson.dumps(obj)
@@ -388,14 +560,12 @@ async def _write(out: web.StreamResponse, data: bytes) -> None:
 
 async def _stream(
     ex: Exchange,
-    cand: Candidate,
-    index: int,
+    attempt: _Attempt,
     resp: aiohttp.ClientResponse,
     deadline: asyncio.Timeout,
     total_deadline: float,
-    sent: float,
 ) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
+    cand = attempt.cand
     if cand.provider.type == "openai":
         relay = _Relay(OpenAIStreamRelay(strip_usage=not ex.include_usage), None)
     else:
@@ -419,36 +589,44 @@ async def _stream(
                 break
             pending += relay.feed(chunk)
     except StreamError as exc:
-        raise AttemptFailed(_client_error(exc.info), exc.info.outcome, exc.info) from None
+        raise AttemptFailed(
+            _client_error(exc.info), exc.info.outcome, exc.info, transient=exc.info.transient
+        ) from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+        raise AttemptFailed(
+            UpstreamError(f"upstream {cand.deployment.key} dropped the stream before content"),
+            Outcome.FAILURE,
+        ) from exc
+    attempt.first_token()
 
     # Commit: the client gets a 200 and there is no failover from here on.
     deadline.reschedule(None)
-    headers = _base_headers(ex, cand, index)
+    headers = _base_headers(ex, attempt)
     headers.update(_relayed(resp.headers))
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     try:
         await out.prepare(ex.request)
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-        raise ClientGone(str(exc)) from exc
-    try:
-        return await _relay_rest(ex, cand, relay, content, out, pending, total_deadline, sent)
+        outcome = await _relay_rest(ex, attempt, relay, content, out, pending, total_deadline)
     except ClientGone:
-        LOG.info("client went away during the stream from %s", cand.deployment.key)
-        ex.upstream_seconds += loop.time() - sent
-        return out
+        LOG.info("request %s: the client went away mid-stream", ex.request_id)
+        outcome = Outcome.IGNORED
+    attempt.finish(ex, outcome)
+    _account(ex, cand, relay.usage)
+    return out
 
 
 async def _relay_rest(
     ex: Exchange,
-    cand: Candidate,
+    attempt: _Attempt,
     relay: _Relay,
     content: aiohttp.StreamReader,
     out: web.StreamResponse,
     pending: bytes,
     total_deadline: float,
-    sent: float,
-) -> web.StreamResponse:
+) -> Outcome:
+    """Relay the committed stream to its end; the outcome is the upstream's."""
     loop = asyncio.get_running_loop()
+    cand = attempt.cand
     idle = cand.provider.timeouts.idle
     if pending:
         await _write(out, pending)
@@ -479,15 +657,14 @@ async def _relay_rest(
         failure = UpstreamError(
             f"upstream {cand.deployment.key} dropped the stream ({type(exc).__name__})"
         ).to_dict()
-    ex.upstream_seconds += loop.time() - sent
     if failure is not None:
+        # Never a silent truncated 200: one in-band error event, then the end.
         await _write(out, _error_frame(failure))
-    _account(ex, cand, relay.usage)
     try:
         await out.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
         raise ClientGone(str(exc)) from exc
-    return out
+    return Outcome.FAILURE if failure is not None else Outcome.SUCCESS
 
 
-__all__ = ["DONE", "AttemptFailed", "ClientGone", "Exchange", "serve"]
+__all__ = ["AttemptFailed", "ClientGone", "Exchange", "serve"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Buckets in seconds: LLM calls range from tens of ms (embeddings) to minutes (long streams).
@@ -35,6 +35,10 @@ class BreakerView:
         """(upstream, state value, error rate 0..1 or -1, p95 latency ms or -1) per upstream."""
         return ()
 
+    def breaker_counters(self) -> Iterable[tuple[str, int]]:
+        """(upstream, calls the breaker would have rejected in monitor-only mode) per upstream."""
+        return ()
+
 
 class _BreakerCollector(Collector):
     """Reads breaker state lazily at scrape time (breaker.md: no timers needed)."""
@@ -42,7 +46,7 @@ class _BreakerCollector(Collector):
     def __init__(self, source: Callable[[], BreakerView | None]) -> None:
         self._source = source
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         state = GaugeMetricFamily(
             "circuit_breaker_state",
             "Breaker state per upstream: 0 closed, 1 half-open, 2 open.",
@@ -58,15 +62,22 @@ class _BreakerCollector(Collector):
             "p95 upstream latency in milliseconds over the breaker window; -1 with no data.",
             labels=["upstream"],
         )
+        would_block = CounterMetricFamily(
+            "circuit_breaker_would_block",
+            "Monitor-only mode: calls the breaker would have rejected.",
+            labels=["upstream"],
+        )
         view = self._source()
         if view is not None:
             for upstream, state_value, error_rate, latency in view.breaker_gauges():
                 state.add_metric([upstream], state_value)
                 rate.add_metric([upstream], error_rate)
                 p95.add_metric([upstream], latency)
-        return [state, rate, p95]
+            for upstream, count in view.breaker_counters():
+                would_block.add_metric([upstream], count)
+        return [state, rate, p95, would_block]
 
-    def describe(self) -> Iterable[GaugeMetricFamily]:
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return []
 
 
@@ -145,12 +156,6 @@ class Metrics:
             "cb_proxy_rejections_total",
             "Candidates skipped without upstream I/O, by reason (breaker_open, rate_limited, ...).",
             ["upstream", "reason"],
-            registry=r,
-        )
-        self.would_block = Counter(
-            "circuit_breaker_would_block_total",
-            "Monitor-only mode: calls the breaker would have rejected.",
-            ["upstream"],
             registry=r,
         )
         self.tokens = Counter(

@@ -163,7 +163,7 @@ class RoutePlan:
     rejected: tuple[Rejection, ...] = ()
     reason: str = ""
     task_type: str | None = None
-    blocked: tuple[Candidate, ...] = field(default=())  # dropped only because a breaker is open
+    blocked: tuple[Candidate, ...] = field(default=())  # candidates whose breaker is open now
 
     def header(self) -> str:
         """The short ``x-cb-route`` value."""
@@ -246,11 +246,13 @@ def plan_route(
             cand = Candidate(dep, provider, dep.context_window or model.context_window)
             if not live.has_key(provider):
                 rejected.append(Rejection(dep.key, f"no key ({provider.api_key_env} unset)"))
-            elif live.is_blocked(dep):
-                rejected.append(Rejection(dep.key, "breaker open"))
+                continue
+            # An open breaker does not remove the candidate: the forwarding loop skips it
+            # without I/O, so the plan's order stays honest about which one was the first
+            # choice (x-cb-fallback) and a half-open breaker can still get its probe.
+            if live.is_blocked(dep):
                 blocked.append(cand)
-            else:
-                candidates.append(cand)
+            candidates.append(cand)
 
     for model in primary:
         consider(model)

@@ -8,6 +8,7 @@ rules they started with.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
 from proxy.metrics import Metrics
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.base import ProviderAdapter, RequestAdapter
 from proxy.providers.gemini import GeminiAdapter
 from proxy.providers.openai import OpenAIAdapter
+from proxy.ratelimit import RateLimitGate
 from proxy.rules import Deployment, Provider, RuleSet
 from proxy.settings import Settings
 from proxy.usage import UsageTotals
@@ -53,25 +56,77 @@ class ProxyState:
     api_listening: bool = False
     draining: bool = False
     in_flight: int = 0
+    retries_in_flight: int = 0
+    breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
+    gates: RateLimitGate = field(default_factory=RateLimitGate)
+    breaker_defaults: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    rng: random.Random = field(default_factory=random.Random)
     started_at: float = field(default_factory=time.time)
     _children: dict[tuple[str, str, int, str], tuple[Any, Any]] = field(default_factory=dict)
+    _attempt_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = field(
+        default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self.translators = {"anthropic": AnthropicAdapter(), "gemini": GeminiAdapter()}
         self.adapters = {"openai": OpenAIAdapter(), **self.translators}
         self.keys = provider_keys(self.rules, self.settings.environ)
+        self.breaker_defaults = CircuitBreakerConfig.from_env(self.settings.environ)
+        self.breakers = BreakerRegistry(
+            self.breaker_defaults,
+            {name: p.breaker for name, p in self.rules.providers.items()},
+            on_transition=self._on_transition,
+        )
+        self._create_breakers()
+        self.metrics.bind_breakers(self.breakers)
+
+    def _create_breakers(self) -> None:
+        # Every upstream gets its breaker (and its gauges) at load, not at first use,
+        # so dashboards and alerts see idle upstreams too.
+        for name in self.rules.providers:
+            self.breakers.get(name)
+
+    def _on_transition(self, name: str, source: State, target: State) -> None:
+        self.metrics.transitions.labels(name, source.value, target.value).inc()
+        LOG.warning("breaker %s: %s -> %s", name, source.value, target.value)
+
+    def breaker(self, provider: str) -> CircuitBreaker:
+        return self.breakers.get(provider)
 
     def swap_rules(self, rules: RuleSet) -> None:
         keys = provider_keys(rules, self.settings.environ)
+        self.breakers.configure(
+            self.breaker_defaults, {name: p.breaker for name, p in rules.providers.items()}
+        )
         self.rules = rules
         self.keys = keys
+        self._create_breakers()
 
     def has_key(self, provider: Provider) -> bool:
         # A provider with no api_key_env (a local vLLM, a mock) needs no key.
         return provider.api_key_env is None or self.keys.get(provider.name) is not None
 
     def is_blocked(self, deployment: Deployment) -> bool:
-        return False
+        return not self.breakers.get(deployment.provider).can_permit()
+
+    def record_attempt(
+        self, provider: Provider, model: str, outcome: str, seconds: float, ttft: float | None
+    ) -> None:
+        """Count one upstream attempt; children bound once per label set."""
+        key = (provider.name, model, outcome)
+        children = self._attempt_children.get(key)
+        if children is None:
+            m = self.metrics
+            children = (
+                m.upstream_calls.labels(provider.name, provider.type, model, outcome),
+                m.upstream_duration.labels(provider.name),
+                m.time_to_first_token.labels(provider.name),
+            )
+            self._attempt_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        if ttft is not None:
+            children[2].observe(ttft)
 
     def record_request(
         self, endpoint: str, request: web.BaseRequest, status: int, seconds: float

@@ -1,0 +1,802 @@
+"""Per-upstream circuit breaker: a pure, synchronous state machine (docs/breaker.md).
+
+The states are ``State``; the events that move between them and where each
+leads are the table ``TRANSITIONS``. Time comes from an injected monotonic
+clock and jitter from an injected ``random.Random``, so tests drive it with a
+fake clock and a seed. Nothing is scheduled: the open -> half-open move and
+the hung-probe check are evaluated lazily whenever the breaker is asked
+(``permit``, ``record``, any read).
+
+Invariants, true between any two calls:
+
+1. ``state`` is a ``State``. A transition to the same state emits nothing;
+   every other transition emits ``on_transition(name, from, to)`` once.
+2. No method awaits (``call`` awaits only the caller's function), so each runs
+   atomically on the event loop: the breaker trips exactly once however many
+   results race in.
+3. Every granted ``Permit`` is reported at most once: the first ``record`` or
+   ``release`` counts, any later report of the same permit is a no-op.
+4. A result counts only in the generation that issued its permit. A new
+   generation starts at every transition and at every reset, so a late result
+   is never a probe, never reopens, and never lands in a fresh window.
+5. In half-open, probes in flight + probe results <= ``half_open_probes``.
+6. Enforce mode: open and forced-open grant nothing; half-open grants only
+   probes. Monitor-only mode: every call is granted; what the shadow machine
+   would have rejected is counted in ``would_block`` and carries no weight.
+   Forced-open rejects in both modes: an explicit admin order outranks the
+   rollout switch. Disabled grants everything and records nothing.
+7. The window holds exactly the 1 s buckets (head - size, head]; its running
+   totals equal the sum over its buckets.
+8. ``error_rate()`` is in [0, 1], or -1 below ``min_throughput``;
+   ``success_ratio()`` is in [0, 1] or -1 with no calls; ``latency_p95_ms()``
+   is positive or -1 with no samples.
+9. ``permit`` and ``record`` are O(1) amortised: no sorting, no scans longer
+   than ``half_open_probes``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import random
+import time
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from itertools import accumulate
+from typing import Any, ParamSpec, TypeVar
+
+from proxy.errors import ServiceUnavailable
+from proxy.metrics import STATE_VALUES, BreakerView
+from proxy.outcome import Outcome
+from proxy.rules import BreakerOverrides
+
+# A failing reply's Retry-After extends an open period, but never beyond this:
+# a buggy upstream asking for a day must not idle it for a day (health checks
+# can still end the period early).
+MAX_RETRY_AFTER_OPEN_SECONDS = 300.0
+# Retry hint when half-open has no free probe slot: probes usually answer fast.
+HALF_OPEN_RETRY_HINT_SECONDS = 1.0
+# p95 comes from a log-scale histogram: bin i holds [R^i, R^(i+1)) ms, so the
+# reported value is within about 5 % of the true one, and reading it is a
+# cumulative sum over a fixed, small array.
+LATENCY_BIN_RATIO = 1.1
+LATENCY_BINS = 150  # 1.1^150 ms is about 27 minutes: beyond any upstream timeout
+LATENCY_QUANTILE = 0.95
+MAX_BACKOFF_EXPONENT = 32  # 2^32 * open_seconds is beyond any cap; avoids float overflow
+
+_LOG_RATIO = math.log(LATENCY_BIN_RATIO)
+_MAX_BIN_MS = LATENCY_BIN_RATIO ** (LATENCY_BINS - 1)
+_BIN_VALUES = tuple(LATENCY_BIN_RATIO ** (i + 0.5) for i in range(LATENCY_BINS))
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+    FORCED_OPEN = "forced_open"
+    DISABLED = "disabled"
+
+
+class Mode(enum.Enum):
+    ENFORCE = "enforce"
+    MONITOR_ONLY = "monitor_only"
+
+
+class Event(enum.Enum):
+    TRIP = "trip"  # a closed-state rule fired, or a health check gave up on the upstream
+    OPEN_ELAPSED = "open_elapsed"  # asked at or after open_until
+    PROBES_PASSED = "probes_passed"  # every probe result is in, ratio under the threshold
+    PROBES_FAILED = "probes_failed"  # the threshold can no longer be met, or a probe hung
+    FORCE_OPEN = "force_open"
+    DISABLE = "disable"
+    RESET = "reset"
+
+
+TRANSITIONS: Mapping[tuple[State, Event], State] = {
+    (State.CLOSED, Event.TRIP): State.OPEN,
+    (State.HALF_OPEN, Event.TRIP): State.OPEN,
+    (State.OPEN, Event.OPEN_ELAPSED): State.HALF_OPEN,
+    (State.HALF_OPEN, Event.PROBES_PASSED): State.CLOSED,
+    (State.HALF_OPEN, Event.PROBES_FAILED): State.OPEN,
+    **{(s, Event.FORCE_OPEN): State.FORCED_OPEN for s in State},
+    **{(s, Event.DISABLE): State.DISABLED for s in State},
+    **{(s, Event.RESET): State.CLOSED for s in State},
+}
+
+TransitionCallback = Callable[[str, State, State], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    """Breaker settings (rules-format.md, ``providers.*.breaker``); bad values raise ValueError."""
+
+    failure_threshold: int = 5  # consecutive failures that open; 0 turns the rule off
+    failure_rate: float = 0.5  # failure ratio in the window that opens ...
+    min_throughput: int = 10  # ... once this many calls are in the window
+    window_seconds: float = 60.0  # 1 s buckets
+    open_seconds: float = 10.0  # first open; doubles per re-open up to max_open_seconds
+    max_open_seconds: float = 60.0
+    half_open_probes: int = 3
+    slow_call_ms: float = 0.0  # >0: a first token slower than this is a slow call
+    slow_call_rate: float | None = None  # slow ratio that opens; None = failure_rate
+    max_half_open_seconds: float = 120.0  # a probe in flight longer than this reopens
+    jitter: float = 0.1  # open durations vary by +- this fraction
+    enabled: bool = True  # False = monitor-only: never blocks, shadow state exported
+
+    def __post_init__(self) -> None:
+        problems = [
+            message
+            for ok, message in (
+                (
+                    _is_int(self.failure_threshold) and self.failure_threshold >= 0,
+                    "failure_threshold must be an integer >= 0 (0 = off)",
+                ),
+                (0 < self.failure_rate <= 1, "failure_rate must be in (0, 1]"),
+                (
+                    _is_int(self.min_throughput) and self.min_throughput >= 1,
+                    "min_throughput must be an integer >= 1",
+                ),
+                (1 <= self.window_seconds < math.inf, "window_seconds must be >= 1"),
+                (0 < self.open_seconds < math.inf, "open_seconds must be > 0"),
+                (
+                    self.open_seconds <= self.max_open_seconds < math.inf,
+                    "max_open_seconds must be >= open_seconds",
+                ),
+                (
+                    _is_int(self.half_open_probes) and self.half_open_probes >= 1,
+                    "half_open_probes must be an integer >= 1",
+                ),
+                (0 <= self.slow_call_ms < math.inf, "slow_call_ms must be >= 0 (0 = off)"),
+                (
+                    self.slow_call_rate is None or 0 < self.slow_call_rate <= 1,
+                    "slow_call_rate must be in (0, 1]",
+                ),
+                (0 < self.max_half_open_seconds < math.inf, "max_half_open_seconds must be > 0"),
+                (0 <= self.jitter < 1, "jitter must be in [0, 1)"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ValueError("invalid breaker config: " + "; ".join(problems))
+
+    @property
+    def slow_rate(self) -> float:
+        return self.failure_rate if self.slow_call_rate is None else self.slow_call_rate
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CircuitBreakerConfig:
+        """Defaults from the environment (design.md); unset or empty variables keep the default."""
+        env = os.environ if environ is None else environ
+        base = cls()
+        open_seconds = _env_seconds(env, "CB_TIMEOUT_SECONDS", base.open_seconds)
+        return cls(
+            enabled=_env_bool(env, "CIRCUIT_BREAKER_ENABLED", base.enabled),
+            failure_threshold=_env_int(env, "CB_FAILURE_THRESHOLD", base.failure_threshold, 0),
+            min_throughput=_env_int(env, "CB_MIN_THROUGHPUT", base.min_throughput, 1),
+            open_seconds=open_seconds,
+            # A first open longer than the default cap raises the cap rather than failing.
+            max_open_seconds=max(base.max_open_seconds, open_seconds),
+        )
+
+    def with_overrides(self, overrides: BreakerOverrides) -> CircuitBreakerConfig:
+        """This config with the rules file's per-provider values (None = keep) applied."""
+        changes: dict[str, Any] = {
+            f.name: getattr(overrides, f.name)
+            for f in fields(overrides)
+            if getattr(overrides, f.name) is not None
+        }
+        if "open_seconds" in changes and "max_open_seconds" not in changes:
+            changes["max_open_seconds"] = max(self.max_open_seconds, changes["open_seconds"])
+        return replace(self, **changes)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE_WORDS:
+        return True
+    if raw in _FALSE_WORDS:
+        return False
+    raise ValueError(f"{name}={env[name]!r}: expected true or false")
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r}: expected an integer >= {minimum}")
+    return value
+
+
+def _env_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds > 0")
+    return value
+
+
+class CircuitOpenError(ServiceUnavailable):
+    """Raised by ``CircuitBreaker.call`` when the breaker rejects; renders as a 503.
+
+    ``retry_after`` is the number of seconds until a probe may be allowed, or
+    None when that is unknown (forced open).
+    """
+
+    default_code = "circuit_open"
+
+    def __init__(self, name: str, retry_after: float | None) -> None:
+        headers: dict[str, str] = {}
+        if retry_after is not None:
+            headers["Retry-After"] = str(math.ceil(retry_after))
+            headers["retry-after-ms"] = str(math.ceil(retry_after * 1000))
+        super().__init__(f"circuit breaker {name!r} is open", headers=headers)
+        self.name = name
+        self.retry_after = retry_after
+
+
+class Permit:
+    """One granted call; report it exactly once with ``record`` or ``release``."""
+
+    __slots__ = ("counted", "done", "generation", "probe", "started_at")
+
+    def __init__(self, generation: int, probe: bool, counted: bool, started_at: float) -> None:
+        self.generation = generation
+        self.probe = probe  # holds a half-open probe slot
+        self.counted = counted  # False: monitor-only would-block or disabled; no weight
+        self.started_at = started_at  # clock at grant time (probes only; 0.0 otherwise)
+        self.done = False
+
+
+class _Bucket:
+    __slots__ = ("calls", "failures", "latency", "slow")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+        self.latency: dict[int, int] = {}  # histogram bin -> samples; sparse, few bins per second
+
+    def reset(self) -> None:
+        self.calls = self.failures = self.slow = 0
+        self.latency = {}
+
+
+def _latency_bin(ms: float) -> int:
+    if not ms >= LATENCY_BIN_RATIO:  # also catches NaN
+        return 0
+    if ms >= _MAX_BIN_MS:
+        return LATENCY_BINS - 1
+    return int(math.log(ms) / _LOG_RATIO)
+
+
+class _Window:
+    """Sliding counts over the last ``size`` whole seconds, with running totals."""
+
+    __slots__ = (
+        "_head",
+        "_hist",
+        "_p95",
+        "_ring",
+        "_samples",
+        "_size",
+        "calls",
+        "failures",
+        "slow",
+    )
+
+    def __init__(self, seconds: float) -> None:
+        self._size = max(1, math.ceil(seconds))
+        self._ring = [_Bucket() for _ in range(self._size)]
+        self._hist = [0] * LATENCY_BINS  # sum of the buckets' sparse histograms
+        self._head: int | None = None  # newest second held; None = empty
+        self._samples = 0
+        self._p95: float | None = None  # cached until the histogram changes
+        self.calls = self.failures = self.slow = 0
+
+    def clear(self) -> None:
+        for bucket in self._ring:
+            bucket.reset()
+        self._hist[:] = [0] * LATENCY_BINS
+        self._head = None
+        self._samples = 0
+        self._p95 = None
+        self.calls = self.failures = self.slow = 0
+
+    def roll(self, now: float) -> _Bucket:
+        """Evict the seconds that left the window at ``now``; return the current bucket."""
+        sec = math.floor(now)
+        head = self._head
+        if head is None or sec - head >= self._size:
+            if head is not None:
+                self.clear()
+            self._head = head = sec
+        elif sec > head:
+            for s in range(head + 1, sec + 1):
+                self._evict(self._ring[s % self._size])
+            self._head = head = sec
+        return self._ring[head % self._size]
+
+    def _evict(self, bucket: _Bucket) -> None:
+        if not bucket.calls:
+            return
+        self.calls -= bucket.calls
+        self.failures -= bucket.failures
+        self.slow -= bucket.slow
+        if bucket.latency:
+            for index, count in bucket.latency.items():
+                self._hist[index] -= count
+                self._samples -= count
+            self._p95 = None
+        bucket.reset()
+
+    def add(self, now: float, failed: bool, slow: bool, latency_ms: float | None) -> None:
+        bucket = self.roll(now)
+        bucket.calls += 1
+        self.calls += 1
+        if failed:
+            bucket.failures += 1
+            self.failures += 1
+        if slow:
+            bucket.slow += 1
+            self.slow += 1
+        if latency_ms is not None:
+            index = _latency_bin(latency_ms)
+            bucket.latency[index] = bucket.latency.get(index, 0) + 1
+            self._hist[index] += 1
+            self._samples += 1
+            self._p95 = None
+
+    def p95(self) -> float:
+        if not self._samples:
+            return -1.0
+        if self._p95 is None:
+            rank = math.ceil(LATENCY_QUANTILE * self._samples)
+            self._p95 = _BIN_VALUES[bisect_left(list(accumulate(self._hist)), rank)]
+        return self._p95
+
+
+class CircuitBreaker:
+    """One upstream's breaker. Synchronous; see the module docstring for its invariants."""
+
+    def __init__(
+        self,
+        name: str,
+        config: CircuitBreakerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        on_transition: TransitionCallback | None = None,
+    ) -> None:
+        self.name = name
+        self._config = config if config is not None else CircuitBreakerConfig()
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self.on_transition = on_transition
+        self._mode = Mode.ENFORCE if self._config.enabled else Mode.MONITOR_ONLY
+        self._state = State.CLOSED
+        self._generation = 0
+        self._window = _Window(self._config.window_seconds)
+        self._consecutive = 0
+        self._opens = 0  # opens since the breaker last closed: the backoff exponent
+        self._open_until = 0.0
+        self._probes: list[Permit] = []  # in flight, current generation, oldest first
+        self._probe_ok = self._probe_failed = self._probe_slow = 0
+        self._would_block = 0
+        self._rejected = 0
+        self._reports = dict.fromkeys(Outcome, 0)
+        self._released = 0
+
+    # -- the request path ------------------------------------------------------------
+
+    def permit(self) -> Permit | None:
+        """A permit for one upstream call, or None when the breaker rejects it."""
+        if self._state is State.CLOSED:  # the common case needs no clock read
+            return Permit(self._generation, False, True, 0.0)
+        now = self._clock()
+        self._advance(now)
+        state = self._state  # _advance never closes, so not CLOSED here
+        if state is State.DISABLED:
+            return Permit(self._generation, False, False, 0.0)
+        if state is State.HALF_OPEN and self._free_slots() > 0:
+            probe = Permit(self._generation, True, True, now)
+            self._probes.append(probe)
+            return probe
+        if state is State.FORCED_OPEN or self._mode is Mode.ENFORCE:
+            self._rejected += 1
+            return None
+        self._would_block += 1
+        return Permit(self._generation, False, False, 0.0)
+
+    def record(
+        self,
+        permit: Permit,
+        outcome: Outcome,
+        latency_ms: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        """Report how a permitted call ended (once; later reports are no-ops).
+
+        ``latency_ms`` is the time to first token (response headers for a plain
+        request, first content event for a stream): it feeds p95 and the
+        slow-call rule. ``retry_after`` (seconds) from a failing reply extends
+        the open period this failure causes (capped).
+        """
+        if permit.done:
+            return
+        permit.done = True
+        self._reports[outcome] += 1
+        if not permit.counted:
+            return
+        now = self._clock()
+        self._advance(now)
+        failed = outcome is Outcome.FAILURE
+        if permit.generation != self._generation:
+            # A late result: never a probe, never in a fresh window. An explicit
+            # "come back later" still lengthens a period that is already open.
+            if failed and retry_after is not None and self._state is State.OPEN:
+                self._open_until = max(self._open_until, now + _capped(retry_after))
+            return
+        if permit.probe:
+            self._probes.remove(permit)
+        if not failed and outcome is not Outcome.SUCCESS:
+            return  # rate-limited or ignored: says nothing about health; a probe slot returns
+        config = self._config
+        slow = 0 < config.slow_call_ms < (latency_ms if latency_ms is not None else 0.0)
+        self._window.add(now, failed, slow, latency_ms)
+        if permit.probe:
+            self._judge_probe(now, failed, slow, retry_after)
+            return
+        self._consecutive = self._consecutive + 1 if failed else 0
+        if self._should_trip():
+            self._fire(Event.TRIP, now, retry_after if failed else None)
+
+    def release(self, permit: Permit) -> None:
+        """The call was cancelled: no outcome; a probe slot returns (once, like ``record``)."""
+        if permit.done:
+            return
+        permit.done = True
+        self._released += 1
+        if permit.probe and permit.generation == self._generation:
+            self._probes.remove(permit)
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` under the breaker: an exception is a failure, cancellation no outcome."""
+        permit = self.permit()
+        if permit is None:
+            raise CircuitOpenError(self.name, self.retry_after_seconds())
+        started = self._clock()
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception:
+            self.record(permit, Outcome.FAILURE, (self._clock() - started) * 1000)
+            raise
+        except BaseException:  # cancelled: the call has no outcome
+            self.release(permit)
+            raise
+        self.record(permit, Outcome.SUCCESS, (self._clock() - started) * 1000)
+        return result
+
+    # -- reads (each evaluates pending transitions first) --------------------------------
+
+    @property
+    def state(self) -> State:
+        if self._state is State.OPEN or self._state is State.HALF_OPEN:
+            self._advance(self._clock())
+        return self._state
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def would_block(self) -> int:
+        """Monitor-only: calls the shadow state machine would have rejected, since start."""
+        return self._would_block
+
+    @property
+    def config(self) -> CircuitBreakerConfig:
+        return self._config
+
+    def can_permit(self) -> bool:
+        """Would ``permit`` grant a call now? Takes no slot."""
+        now = self._clock()
+        return self._retry_at(now) <= now
+
+    def error_rate(self) -> float:
+        self._window.roll(self._clock())
+        return self._error_rate()
+
+    def success_ratio(self) -> float:
+        self._window.roll(self._clock())
+        return self._success_ratio()
+
+    def latency_p95_ms(self) -> float:
+        self._window.roll(self._clock())
+        return self._window.p95()
+
+    def retry_at(self) -> float:
+        """Soonest clock time a call may be granted (now if it would be; inf when forced open)."""
+        return self._retry_at(self._clock())
+
+    def retry_after_seconds(self) -> float | None:
+        """Seconds until a call may be granted, for Retry-After; None when unknown."""
+        now = self._clock()
+        at = self._retry_at(now)
+        return None if at == math.inf else max(0.0, at - now)
+
+    def get_metrics(self) -> dict[str, Any]:
+        """A JSON-serializable snapshot for the admin API."""
+        now = self._clock()
+        self._advance(now)
+        self._window.roll(now)
+        window = self._window
+        retry_at = self._retry_at(now)
+        return {
+            "name": self.name,
+            "state": self._state.value,
+            "mode": self._mode.value,
+            "window_seconds": self._config.window_seconds,
+            "calls": window.calls,
+            "failures": window.failures,
+            "slow_calls": window.slow,
+            "consecutive_failures": self._consecutive,
+            "error_rate": self._error_rate(),
+            "success_ratio": self._success_ratio(),
+            "latency_p95_ms": window.p95(),
+            "opens": self._opens,
+            "open_until": self._open_until - now if self._state is State.OPEN else None,
+            "retry_after": None if retry_at == math.inf else max(0.0, retry_at - now),
+            "half_open": {
+                "slots": self._config.half_open_probes,
+                "in_flight": len(self._probes),
+                "succeeded": self._probe_ok,
+                "failed": self._probe_failed,
+            },
+            "would_block": self._would_block,
+            "rejected": self._rejected,
+            "generation": self._generation,
+            "reports": {o.value: n for o, n in self._reports.items()}
+            | {"released": self._released},
+        }
+
+    # -- admin and health checks --------------------------------------------------------
+
+    def force_open(self) -> None:
+        """Reject everything until ``reset`` or ``disable``; never times out."""
+        self._fire(Event.FORCE_OPEN, self._clock())
+
+    def disable(self) -> None:
+        """Grant everything and record nothing until ``reset`` or ``force_open``."""
+        self._fire(Event.DISABLE, self._clock())
+
+    def reset(self) -> None:
+        """Closed with a fresh window and open count; emits only if the state changed."""
+        if self._state is State.CLOSED:
+            self._enter_closed()
+            self._generation += 1
+        else:
+            self._fire(Event.RESET, self._clock())
+
+    def set_monitor_only(self, monitor_only: bool) -> None:
+        self._mode = Mode.MONITOR_ONLY if monitor_only else Mode.ENFORCE
+
+    def enforce(self) -> None:
+        self.set_monitor_only(False)
+
+    def trip(self) -> None:
+        """Open as if a rule fired (health checks failing); no-op unless closed or half-open."""
+        now = self._clock()
+        self._advance(now)
+        if self._state is State.CLOSED or self._state is State.HALF_OPEN:
+            self._fire(Event.TRIP, now)
+
+    def end_open_period(self) -> None:
+        """A health check passed while open: the next call becomes a probe. Never closes."""
+        now = self._clock()
+        if self._state is State.OPEN:
+            self._open_until = min(self._open_until, now)
+
+    def reconfigure(self, config: CircuitBreakerConfig) -> None:
+        """New settings (rules reload); keeps state, mode and, if its size holds, the window."""
+        if math.ceil(config.window_seconds) != math.ceil(self._config.window_seconds):
+            self._window = _Window(config.window_seconds)
+        self._config = config
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        if self._state is State.OPEN:
+            if now >= self._open_until:
+                self._fire(Event.OPEN_ELAPSED, now)
+        elif (
+            self._state is State.HALF_OPEN
+            and self._probes
+            and now - self._probes[0].started_at >= self._config.max_half_open_seconds
+        ):
+            self._fire(Event.PROBES_FAILED, now)
+
+    def _free_slots(self) -> int:
+        used = len(self._probes) + self._probe_ok + self._probe_failed
+        return self._config.half_open_probes - used
+
+    def _should_trip(self) -> bool:
+        config = self._config
+        if config.failure_threshold and self._consecutive >= config.failure_threshold:
+            return True
+        window = self._window
+        if window.calls < config.min_throughput:
+            return False
+        if window.failures / window.calls >= config.failure_rate:
+            return True
+        return config.slow_call_ms > 0 and window.slow / window.calls >= config.slow_rate
+
+    def _judge_probe(self, now: float, failed: bool, slow: bool, retry_after: float | None) -> None:
+        if failed:
+            self._probe_failed += 1
+        else:
+            self._probe_ok += 1
+        if slow:
+            self._probe_slow += 1
+        config = self._config
+        slots = config.half_open_probes
+        if self._probe_failed / slots >= config.failure_rate or (
+            config.slow_call_ms > 0 and self._probe_slow / slots >= config.slow_rate
+        ):
+            self._fire(Event.PROBES_FAILED, now, retry_after if failed else None)
+        elif self._probe_ok + self._probe_failed >= slots:
+            self._fire(Event.PROBES_PASSED, now)
+
+    def _error_rate(self) -> float:
+        window = self._window
+        if window.calls < self._config.min_throughput or not window.calls:
+            return -1.0
+        return window.failures / window.calls
+
+    def _success_ratio(self) -> float:
+        window = self._window
+        return 1.0 - window.failures / window.calls if window.calls else -1.0
+
+    def _retry_at(self, now: float) -> float:
+        self._advance(now)
+        state = self._state
+        if state is State.FORCED_OPEN:
+            return math.inf
+        if self._mode is Mode.MONITOR_ONLY:
+            return now
+        if state is State.OPEN:
+            return self._open_until
+        if state is State.HALF_OPEN and self._free_slots() <= 0:
+            return now + HALF_OPEN_RETRY_HINT_SECONDS
+        return now
+
+    def _fire(self, event: Event, now: float, retry_after: float | None = None) -> None:
+        source = self._state
+        target = TRANSITIONS[(source, event)]  # a missing pair is a bug in this module
+        if target is source:
+            return
+        self._probes.clear()
+        self._probe_ok = self._probe_failed = self._probe_slow = 0
+        if target is State.OPEN:
+            self._enter_open(now, retry_after)
+        elif target is State.CLOSED:
+            self._enter_closed()
+        elif target is State.DISABLED:
+            self._window.clear()
+            self._consecutive = 0
+        self._state = target
+        self._generation += 1
+        if self.on_transition is not None:
+            self.on_transition(self.name, source, target)
+
+    def _enter_open(self, now: float, retry_after: float | None) -> None:
+        config = self._config
+        self._opens += 1
+        exponent = min(self._opens - 1, MAX_BACKOFF_EXPONENT)
+        duration = min(config.open_seconds * 2.0**exponent, config.max_open_seconds)
+        if config.jitter:
+            duration *= 1.0 + self._rng.uniform(-config.jitter, config.jitter)
+        if retry_after is not None:
+            duration = max(duration, _capped(retry_after))
+        self._open_until = now + duration
+
+    def _enter_closed(self) -> None:
+        self._window.clear()
+        self._consecutive = 0
+        self._opens = 0
+
+
+def _capped(retry_after: float) -> float:
+    return min(max(retry_after, 0.0), MAX_RETRY_AFTER_OPEN_SECONDS)
+
+
+class BreakerRegistry(BreakerView):
+    """The breakers by upstream name, created on first use with their configured settings."""
+
+    def __init__(
+        self,
+        config: CircuitBreakerConfig | None = None,
+        overrides: Mapping[str, BreakerOverrides] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        on_transition: TransitionCallback | None = None,
+    ) -> None:
+        self._default = config if config is not None else CircuitBreakerConfig()
+        self._overrides = dict(overrides or {})
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self.on_transition = on_transition  # may be bound after the breakers exist
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def config_for(self, name: str) -> CircuitBreakerConfig:
+        override = self._overrides.get(name)
+        return self._default if override is None else self._default.with_overrides(override)
+
+    def get(self, name: str) -> CircuitBreaker:
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            breaker = CircuitBreaker(
+                name,
+                self.config_for(name),
+                clock=self._clock,
+                rng=self._rng,
+                on_transition=self._emit,
+            )
+            self._breakers[name] = breaker
+        return breaker
+
+    def get_all(self) -> dict[str, CircuitBreaker]:
+        return dict(self._breakers)
+
+    def reset_all(self) -> None:
+        for breaker in self._breakers.values():
+            breaker.reset()
+
+    def configure(
+        self, config: CircuitBreakerConfig, overrides: Mapping[str, BreakerOverrides]
+    ) -> None:
+        """New defaults and per-name overrides (rules reload), applied to existing breakers too."""
+        self._default = config
+        self._overrides = dict(overrides)
+        for name, breaker in self._breakers.items():
+            breaker.reconfigure(self.config_for(name))
+
+    def breaker_gauges(self) -> list[tuple[str, int, float, float]]:
+        return [
+            (name, STATE_VALUES[b.state.value], b.error_rate(), b.latency_p95_ms())
+            for name, b in self._breakers.items()
+        ]
+
+    def breaker_counters(self) -> list[tuple[str, int]]:
+        return [(name, b.would_block) for name, b in self._breakers.items()]
+
+    def _emit(self, name: str, source: State, target: State) -> None:
+        if self.on_transition is not None:
+            self.on_transition(name, source, target)
+
+
+# For library use: ``from proxy.breaker import registry``. The proxy builds its own per app.
+registry = BreakerRegistry()

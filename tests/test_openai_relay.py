@@ -1,0 +1,127 @@
+"""The OpenAI byte relay: commit point, usage, terminal marker, errors, any byte split."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.outcome import Outcome
+from proxy.providers.base import StreamError
+from proxy.providers.openai import OpenAIStreamRelay
+
+
+def chunk(delta: dict[str, object], finish: str | None = None, usage: object = None) -> bytes:
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage is not None:
+        obj["usage"] = usage
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+USAGE_CHUNK = (
+    b"data: "
+    + orjson.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        }
+    )
+    + b"\n\n"
+)
+ROLE = chunk({"role": "assistant", "content": ""})
+HELLO = chunk({"content": "Hello"})
+WORLD = chunk({"content": " world"})
+STOP = chunk({}, finish="stop")
+DONE = b"data: [DONE]\n\n"
+FULL = ROLE + HELLO + WORLD + STOP + USAGE_CHUNK + DONE
+
+
+def run(relay: OpenAIStreamRelay, pieces: list[bytes]) -> bytes:
+    out = b"".join(relay.feed(p) for p in pieces)
+    return out + relay.finish()
+
+
+def test_holds_role_chunk_until_first_content() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    assert relay.feed(ROLE) == b""
+    assert not relay.has_content
+    assert relay.feed(HELLO) == ROLE + HELLO
+    assert relay.has_content
+
+
+def test_usage_is_read_and_kept_when_the_client_asked() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    assert run(relay, [FULL]) == FULL
+    assert relay.usage is not None
+    assert (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (7, 3)
+    assert relay.finished
+
+
+def test_usage_chunk_the_proxy_asked_for_is_dropped() -> None:
+    relay = OpenAIStreamRelay(strip_usage=True)
+    assert run(relay, [FULL]) == ROLE + HELLO + WORLD + STOP + DONE
+    assert relay.usage is not None
+    assert relay.usage.total_tokens == 10
+
+
+def test_error_event_before_content_raises_for_failover() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    relay.feed(ROLE)
+    with pytest.raises(StreamError) as info:
+        relay.feed(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+    assert info.value.info.outcome is Outcome.FAILURE
+
+
+def test_error_event_after_content_raises_too() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    relay.feed(ROLE + HELLO)
+    with pytest.raises(StreamError):
+        relay.feed(b'data: {"error": {"message": "boom"}}\n\n')
+
+
+def test_cut_stream_without_terminal_marker_is_an_error() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    relay.feed(ROLE + HELLO)
+    with pytest.raises(StreamError) as info:
+        relay.finish()
+    assert info.value.info.body["error"]["code"] == "upstream_stream_truncated"
+
+
+def test_finish_reason_without_done_gets_done_appended() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    out = run(relay, [ROLE + HELLO + STOP])
+    assert out == ROLE + HELLO + STOP + DONE
+
+
+def test_crlf_framing_is_normalised() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    crlf = FULL.replace(b"\n", b"\r\n")
+    assert run(relay, [crlf]) == FULL
+
+
+def test_keepalive_comments_pass_through_unchanged() -> None:
+    relay = OpenAIStreamRelay(strip_usage=False)
+    out = run(relay, [ROLE, b": keep-alive\n\n", HELLO, STOP, DONE])
+    assert out == ROLE + b": keep-alive\n\n" + HELLO + STOP + DONE
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(FULL)), max_size=12), st.booleans())
+def test_any_byte_split_gives_the_same_client_stream(cuts: list[int], strip: bool) -> None:
+    points = sorted(set(cuts))
+    pieces = [FULL[a:b] for a, b in zip([0, *points], [*points, len(FULL)], strict=True)]
+    whole = OpenAIStreamRelay(strip_usage=strip)
+    split = OpenAIStreamRelay(strip_usage=strip)
+    assert run(split, pieces) == run(whole, [FULL])
+    assert split.usage == whole.usage
