@@ -1,0 +1,937 @@
+"""OpenAI chat completions and embeddings <-> Gemini (wire-formats.md, 'OpenAI to Gemini').
+
+Request invariants:
+- system/developer messages become ``systemInstruction`` parts (one per
+  message); ``user``/``assistant``/``tool`` become ``user``/``model``/``user``
+  turns, consecutive turns of one role merged; empty text parts and turns
+  left empty are dropped (Gemini rejects them);
+- a tool message becomes a ``functionResponse`` whose name comes from the
+  matching assistant call earlier in the list (unknown id: 400);
+- tool schemas are reduced to Gemini's OpenAPI subset (``gemini_schema``):
+  local ``$ref`` inlined, ``oneOf`` read as ``anyOf``, ``const`` as a
+  one-value enum, type lists as ``type`` + ``nullable``, unknown keywords and
+  unsupported ``format`` values dropped, ``required`` limited to declared
+  properties; a parameterless object schema is left out;
+- https image URLs become ``fileData`` with a MIME type guessed from the path
+  (``image/jpeg`` when the path says nothing); ``data:`` URLs ``inlineData``;
+- ``logprobs``, ``top_logprobs``, ``logit_bias``, audio output, legacy
+  ``functions`` and token-array embedding inputs are a 400 naming the field;
+  ``user``, ``parallel_tool_calls``, ``store``, ``metadata``,
+  ``service_tier``, ``reasoning_effort`` are accepted and dropped.
+
+Thought signatures (Gemini 3 rejects a function call sent back without
+one): a ``functionCall`` part's ``thoughtSignature`` travels inside the
+OpenAI tool-call id, which clients echo verbatim:
+``call_<hex>`` + ``SIGNATURE_MARK`` + the signature in unpadded base64url.
+Translating the assistant message back restores it exactly (standard base64,
+padded). A model turn whose calls carry no signature (history from another
+provider) gets Google's documented placeholder on its first call. Signatures
+on text parts are optional for Gemini and are not kept.
+
+Blocked prompts (no candidates, ``promptFeedback.blockReason``) are a 400
+``content_filter`` error, stream or not, like OpenAI's own content-policy
+rejections; blocked output is ``finish_reason: content_filter``.
+
+Stream invariants (on top of base.py's): no ``[DONE]`` upstream; a choice is
+finished at its ``finishReason``, the stream when every choice seen has
+finished; ``finish`` then emits the usage chunk (only with ``include_usage``)
+and ``[DONE]``. Each function call arrives whole and becomes one tool-call
+delta with its own per-choice index, id, type, name and full arguments.
+``usageMetadata`` repeats in every chunk: the last one wins, never a sum.
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+import re
+import secrets
+import struct
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from proxy.errors import InvalidRequest, UnsupportedParameter, error_body
+from proxy.outcome import Outcome, classify_status, is_transient
+from proxy.providers.base import (
+    DONE,
+    Endpoint,
+    ErrorInfo,
+    JSONDict,
+    StreamError,
+    UpstreamRequest,
+    Usage,
+)
+from proxy.ratelimit import parse_retry_after
+from proxy.rules import Deployment, Provider
+from proxy.sse import SSEParser
+
+API_PREFIX = "/v1beta/models"
+SIGNATURE_MARK = "__sig_"
+# Google's documented placeholder for function calls the model did not make
+# itself (thought-signatures guide, 'history from other models').
+FOREIGN_SIGNATURE = "skip_thought_signature_validator"
+DEFAULT_IMAGE_MIME = "image/jpeg"
+FINISH_FILTERED = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "OTHER",
+        "LANGUAGE",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+        "IMAGE_OTHER",
+    }
+)
+# Keywords of Gemini's Schema object (an OpenAPI 3.0 subset) kept as they are;
+# nested schemas ('properties', 'items', 'anyOf') are handled separately.
+SCHEMA_SCALAR_KEYS = frozenset(
+    {
+        "description",
+        "nullable",
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+        "minProperties",
+        "maxProperties",
+        "minimum",
+        "maximum",
+        "pattern",
+        "propertyOrdering",
+    }
+)
+# Gemini accepts only these 'format' values (per type); others are a 400.
+SCHEMA_FORMATS = {
+    "STRING": frozenset({"enum", "date-time"}),
+    "INTEGER": frozenset({"int32", "int64"}),
+    "NUMBER": frozenset({"float", "double"}),
+}
+MAX_REF_DEPTH = 8
+CONTEXT_WINDOW_MARKERS = ("input token count", "maximum number of tokens")
+QUOTA_MARKERS = ("perday", "per day", "credits are depleted", "billing account")
+API_KEY_MARKERS = ("api_key_invalid", "api key not valid", "api key expired")
+STATUS_OF = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+RETRY_DELAY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_STD_TO_URL = str.maketrans("+/", "-_")
+_URL_TO_STD = str.maketrans("-_", "+/")
+
+
+def _new_token() -> str:
+    return secrets.token_hex(12)
+
+
+# --- thought signatures in tool-call ids ------------------------------------
+
+
+def tool_call_id(token: str, signature: str | None) -> str:
+    base = f"call_{token}"
+    if not signature:
+        return base
+    return base + SIGNATURE_MARK + signature.translate(_STD_TO_URL).rstrip("=")
+
+
+def signature_of(call_id: str) -> str | None:
+    """The thought signature carried by a tool-call id made by ``tool_call_id``, if any."""
+    _, mark, encoded = call_id.partition(SIGNATURE_MARK)
+    if not mark or not encoded:
+        return None
+    std = encoded.translate(_URL_TO_STD)
+    return std + "=" * (-len(std) % 4)
+
+
+# --- request: shared OpenAI readers ----------------------------------------
+
+
+def _split_data_url(url: str, param: str) -> tuple[str, str]:
+    header, comma, data = url.partition(",")
+    mime, _, encoding = header[len("data:") :].partition(";")
+    if not comma or encoding != "base64" or not mime:
+        raise InvalidRequest("data URLs must look like data:<mime>;base64,<data>", param=param)
+    return mime, data
+
+
+def _text_of(content: Any, param: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(
+            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    raise InvalidRequest("content must be a string or an array of text parts", param=param)
+
+
+def _parse_arguments(arguments: Any) -> JSONDict:
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments.strip():
+        return {}
+    try:
+        parsed = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _reject_unsupported(body: JSONDict) -> None:
+    for name in ("logprobs", "top_logprobs", "logit_bias"):
+        if body.get(name):
+            raise UnsupportedParameter(f"Gemini upstreams do not support '{name}'", param=name)
+    if body.get("audio") or "audio" in (body.get("modalities") or ()):
+        raise UnsupportedParameter("Gemini upstreams here produce text only", param="modalities")
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise UnsupportedParameter(f"use 'tools' instead of the legacy '{name}'", param=name)
+
+
+# --- request: schemas -------------------------------------------------------
+
+
+def _resolve_ref(ref: str, root: JSONDict) -> Any:
+    for prefix in ("#/$defs/", "#/definitions/"):
+        if ref.startswith(prefix):
+            defs = root.get(prefix[2:-1])
+            return defs.get(ref[len(prefix) :]) if isinstance(defs, dict) else None
+    return None
+
+
+def _clean(node: Any, root: JSONDict, depth: int) -> JSONDict:
+    if not isinstance(node, dict):
+        return {}
+    if "$ref" in node:
+        target = _resolve_ref(str(node["$ref"]), root)
+        if target is None or depth >= MAX_REF_DEPTH:
+            # Unresolvable or recursive: an untyped object keeps the call usable.
+            return {"type": "OBJECT"}
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _clean(merged, root, depth + 1)
+    for part in node.get("allOf") or ():
+        # Best effort: Gemini has no allOf, so its parts are merged into one schema.
+        if isinstance(part, dict) and "$ref" in part:
+            part = _resolve_ref(str(part["$ref"]), root)
+        if isinstance(part, dict):
+            node = {
+                **node,
+                **part,
+                "properties": {**(node.get("properties") or {}), **(part.get("properties") or {})},
+                "required": [*(node.get("required") or ()), *(part.get("required") or ())],
+            }
+    out: JSONDict = {}
+    kind = node.get("type")
+    if isinstance(kind, list):
+        types = [t for t in kind if t != "null"]
+        if len(types) < len(kind):
+            out["nullable"] = True
+        if len(types) > 1:
+            out["anyOf"] = [{"type": str(t).upper()} for t in types]
+        kind = types[0] if len(types) == 1 else None
+    if isinstance(kind, str):
+        out["type"] = kind.upper()
+    for key in SCHEMA_SCALAR_KEYS:
+        if key in node:
+            out[key] = node[key]
+    fmt = node.get("format")
+    if isinstance(fmt, str) and fmt in SCHEMA_FORMATS.get(out.get("type", ""), ()):
+        out["format"] = fmt
+    enum = [node["const"]] if "const" in node else node.get("enum")
+    if isinstance(enum, list):
+        if None in enum:
+            out["nullable"] = True
+        values = [v for v in enum if v is not None]
+        if values and all(isinstance(v, str) for v in values):  # Gemini enums are strings
+            out["enum"] = values
+            out.setdefault("type", "STRING")
+    variants = node.get("anyOf") or node.get("oneOf")
+    if isinstance(variants, list):
+        out["anyOf"] = [_clean(v, root, depth) for v in variants]
+    items = node.get("items")
+    if isinstance(items, dict):
+        out["items"] = _clean(items, root, depth)
+    props = node.get("properties")
+    if isinstance(props, dict) and props:
+        out["properties"] = {name: _clean(sub, root, depth) for name, sub in props.items()}
+        required = [r for r in node.get("required") or () if r in props]
+        if required:
+            out["required"] = required
+    return out
+
+
+def gemini_schema(schema: JSONDict) -> JSONDict:
+    """A JSON Schema reduced to what Gemini's Schema object accepts (module docstring)."""
+    return _clean(schema, schema, 0)
+
+
+def _function_declarations(tools: Any) -> list[JSONDict]:
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be an array", param="tools")
+    out: list[JSONDict] = []
+    for k, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type") != "function":
+            raise UnsupportedParameter(
+                "Gemini upstreams take function tools only", param=f"tools[{k}].type"
+            )
+        decl: JSONDict = {"name": fn.get("name", "")}
+        if fn.get("description"):
+            decl["description"] = fn["description"]
+        params = fn.get("parameters")
+        if isinstance(params, dict):
+            cleaned = gemini_schema(params)
+            # Gemini rejects an OBJECT without properties: no parameters instead.
+            if cleaned.get("properties") or cleaned.get("type") not in (None, "OBJECT"):
+                decl["parameters"] = cleaned
+        out.append(decl)
+    return out
+
+
+def _tool_config(choice: Any) -> JSONDict:
+    if choice == "none":
+        config: JSONDict = {"mode": "NONE"}
+    elif choice == "auto":
+        config = {"mode": "AUTO"}
+    elif choice == "required":
+        config = {"mode": "ANY"}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        config = {"mode": "ANY", "allowedFunctionNames": [choice["function"].get("name", "")]}
+    else:
+        raise InvalidRequest("unsupported tool_choice", param="tool_choice")
+    return {"functionCallingConfig": config}
+
+
+# --- request: messages ------------------------------------------------------
+
+
+def _media_part(url: str, param: str, default_mime: str) -> JSONDict:
+    if url.startswith("data:"):
+        mime, data = _split_data_url(url, param)
+        return {"inlineData": {"mimeType": mime, "data": data}}
+    if url.startswith(("https://", "http://")):
+        path = url.split("?", 1)[0].split("#", 1)[0]
+        mime = mimetypes.guess_type(path)[0] or default_mime
+        return {"fileData": {"mimeType": mime, "fileUri": url}}
+    raise InvalidRequest("media URLs must be https:// or data: URLs", param=param)
+
+
+def _parts(content: Any, param: str) -> list[JSONDict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if not isinstance(content, list):
+        raise InvalidRequest("content must be a string or an array of parts", param=param)
+    parts: list[JSONDict] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        part_param = f"{param}[{j}]"
+        if kind == "text":
+            if part.get("text"):
+                parts.append({"text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise InvalidRequest("image_url.url must be a string", param=part_param)
+            parts.append(_media_part(url, part_param, DEFAULT_IMAGE_MIME))
+        elif kind == "file":
+            file = part.get("file")
+            data = file.get("file_data") if isinstance(file, dict) else None
+            if not isinstance(data, str) or not data.startswith("data:"):
+                raise UnsupportedParameter(
+                    "Gemini upstreams take files inline only (file.file_data as a data: URL)",
+                    param=part_param,
+                )
+            parts.append(_media_part(data, part_param, DEFAULT_IMAGE_MIME))
+        elif kind == "refusal":
+            continue
+        else:
+            raise UnsupportedParameter(
+                f"content part type {kind!r} is not supported by Gemini upstreams",
+                param=f"{part_param}.type",
+            )
+    return parts
+
+
+def _model_parts(msg: JSONDict, i: int, call_names: dict[str, str]) -> list[JSONDict]:
+    parts = _parts(msg.get("content"), f"messages[{i}].content")
+    calls: list[JSONDict] = []
+    for k, call in enumerate(msg.get("tool_calls") or ()):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
+            raise InvalidRequest(
+                "tool calls need an id and a function", param=f"messages[{i}].tool_calls[{k}]"
+            )
+        name = fn.get("name", "")
+        call_names[call["id"]] = name
+        part: JSONDict = {
+            "functionCall": {"name": name, "args": _parse_arguments(fn.get("arguments"))}
+        }
+        signature = signature_of(call["id"])
+        if signature:
+            part["thoughtSignature"] = signature
+        calls.append(part)
+    if calls and not any("thoughtSignature" in c for c in calls):
+        calls[0]["thoughtSignature"] = FOREIGN_SIGNATURE
+    return parts + calls
+
+
+def _append(contents: list[JSONDict], role: str, parts: list[JSONDict]) -> None:
+    if not parts:
+        return
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": parts})
+
+
+def _generation_config(body: JSONDict) -> JSONDict:
+    config: JSONDict = {}
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    pairs = (
+        ("maxOutputTokens", max_tokens),
+        ("temperature", body.get("temperature")),
+        ("topP", body.get("top_p")),
+        ("candidateCount", body.get("n")),
+        ("seed", body.get("seed")),
+        ("presencePenalty", body.get("presence_penalty")),
+        ("frequencyPenalty", body.get("frequency_penalty")),
+    )
+    for key, value in pairs:
+        if value is not None:
+            config[key] = value
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        config["stopSequences"] = [stop]
+    elif isinstance(stop, list) and stop:
+        config["stopSequences"] = stop
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict):
+        kind = response_format.get("type")
+        if kind in ("json_object", "json_schema"):
+            config["responseMimeType"] = "application/json"
+        spec = response_format.get("json_schema")
+        if (
+            kind == "json_schema"
+            and isinstance(spec, dict)
+            and isinstance(spec.get("schema"), dict)
+        ):
+            config["responseSchema"] = gemini_schema(spec["schema"])
+    return config
+
+
+def translate_request(body: JSONDict) -> JSONDict:
+    """The Gemini generateContent body for an OpenAI chat completions body."""
+    _reject_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages must be an array", param="messages")
+    system: list[JSONDict] = []
+    contents: list[JSONDict] = []
+    call_names: dict[str, str] = {}
+    for i, msg in enumerate(messages):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role in ("system", "developer"):
+            text = _text_of(msg.get("content"), f"messages[{i}].content")
+            if text:
+                system.append({"text": text})
+        elif role == "user":
+            _append(contents, "user", _parts(msg.get("content"), f"messages[{i}].content"))
+        elif role == "assistant":
+            _append(contents, "model", _model_parts(msg, i, call_names))
+        elif role == "tool":
+            call_id = msg.get("tool_call_id")
+            name = call_names.get(call_id) if isinstance(call_id, str) else None
+            if name is None:
+                raise InvalidRequest(
+                    "tool message answers no earlier assistant tool call",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            output = _text_of(msg.get("content"), f"messages[{i}].content")
+            response = {"functionResponse": {"name": name, "response": {"output": output}}}
+            _append(contents, "user", [response])
+        else:
+            raise InvalidRequest(f"unsupported message role {role!r}", param=f"messages[{i}].role")
+    payload: JSONDict = {"contents": contents}
+    if system:
+        payload["systemInstruction"] = {"parts": system}
+    if body.get("tools"):
+        payload["tools"] = [{"functionDeclarations": _function_declarations(body["tools"])}]
+        if body.get("tool_choice") is not None:
+            payload["toolConfig"] = _tool_config(body["tool_choice"])
+    config = _generation_config(body)
+    if config:
+        payload["generationConfig"] = config
+    return payload
+
+
+def translate_embeddings(body: JSONDict, upstream_model: str) -> tuple[str, JSONDict]:
+    """(method, body) for an OpenAI embeddings body: embedContent for a string, else a batch."""
+    inputs = body.get("input")
+    extra: JSONDict = {}
+    if body.get("dimensions") is not None:
+        extra["outputDimensionality"] = body["dimensions"]
+    if isinstance(inputs, str):
+        return "embedContent", {"content": {"parts": [{"text": inputs}]}, **extra}
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+        raise UnsupportedParameter(
+            "Gemini upstreams embed text only: 'input' must be a string or an array of strings",
+            param="input",
+        )
+    model = f"models/{upstream_model}"
+    requests = [{"model": model, "content": {"parts": [{"text": t}]}, **extra} for t in inputs]
+    return "batchEmbedContents", {"requests": requests}
+
+
+# --- responses --------------------------------------------------------------
+
+
+def finish_reason(reason: str, has_calls: bool) -> str:
+    if reason == "STOP":
+        return "tool_calls" if has_calls else "stop"
+    if reason == "MAX_TOKENS":
+        return "length"
+    if reason in FINISH_FILTERED:
+        return "content_filter"
+    return "stop"  # MALFORMED_FUNCTION_CALL and future reasons: never leak raw values
+
+
+def usage_of(meta: Any) -> Usage:
+    if not isinstance(meta, dict):
+        return Usage()
+    completion = (meta.get("candidatesTokenCount") or 0) + (meta.get("thoughtsTokenCount") or 0)
+    return Usage(int(meta.get("promptTokenCount") or 0), int(completion))
+
+
+def _usage_dict(meta: Any) -> JSONDict:
+    usage = usage_of(meta)
+    meta = meta if isinstance(meta, dict) else {}
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": int(meta.get("cachedContentTokenCount") or 0)},
+        "completion_tokens_details": {"reasoning_tokens": int(meta.get("thoughtsTokenCount") or 0)},
+    }
+
+
+def _failure(message: str) -> StreamError:
+    body = error_body(502, f"Gemini API returned {message}", code="upstream_error")
+    return StreamError(ErrorInfo(Outcome.FAILURE, 502, body))
+
+
+def _blocked(feedback: JSONDict) -> StreamError:
+    reason = feedback.get("blockReason")
+    text = f"Gemini API blocked the prompt (blockReason {reason})"
+    return StreamError(
+        ErrorInfo(Outcome.IGNORED, 400, error_body(400, text, code="content_filter"))
+    )
+
+
+def _load(body: bytes | str, what: str) -> JSONDict:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _failure(f"a malformed {what}") from None
+    if not isinstance(obj, dict):
+        raise _failure(f"a malformed {what}")
+    return obj
+
+
+def _candidate_parts(candidate: JSONDict) -> list[JSONDict]:
+    content = candidate.get("content")
+    parts = content.get("parts") if isinstance(content, dict) else None
+    # 'thought' parts are reasoning summaries, not answer text.
+    return [p for p in parts or () if isinstance(p, dict) and not p.get("thought")]
+
+
+def _call_delta(call: JSONDict, signature: Any, token: str) -> JSONDict:
+    return {
+        "id": tool_call_id(token, signature if isinstance(signature, str) else None),
+        "type": "function",
+        "function": {
+            "name": call.get("name", ""),
+            "arguments": orjson.dumps(call.get("args") or {}).decode(),
+        },
+    }
+
+
+def _embedding(values: Any, base64_out: bool) -> Any:
+    floats = [float(v) for v in values or ()]
+    if not base64_out:
+        return floats
+    return base64.b64encode(struct.pack(f"<{len(floats)}f", *floats)).decode()
+
+
+# --- errors -----------------------------------------------------------------
+
+
+def _retry_delay(details: list[Any]) -> float | None:
+    """google.rpc.RetryInfo's ``retryDelay`` ("37s"), Gemini's usual way to say when."""
+    for detail in details:
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        match = RETRY_DELAY_PATTERN.match(delay) if isinstance(delay, str) else None
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def classify(
+    status: int,
+    grpc_status: str,
+    message: str,
+    details: list[Any],
+    retry_after: float | None = None,
+) -> ErrorInfo:
+    """A Gemini error (HTTP or in-stream) -> outcome and the OpenAI error for the client.
+
+    ``retry_after`` is the reply's Retry-After header in seconds, if any;
+    otherwise the RetryInfo detail is used.
+    """
+    text = f"Gemini API error ({grpc_status or status}): {message}"
+    haystack = (message + " " + orjson.dumps(details).decode()).lower()
+    if retry_after is None:
+        retry_after = _retry_delay(details)
+    if any(m in haystack for m in API_KEY_MARKERS):
+        # Google answers a bad key with 400 INVALID_ARGUMENT: it is the proxy's key.
+        body = error_body(401, text, code="invalid_api_key")
+        return ErrorInfo(Outcome.FAILURE, 401, body)
+    if status == 429 or grpc_status == "RESOURCE_EXHAUSTED":
+        if any(m in haystack for m in QUOTA_MARKERS):
+            body = error_body(429, text, code="insufficient_quota")
+            body["error"]["type"] = "insufficient_quota"
+            return ErrorInfo(Outcome.FAILURE, 429, body, retry_after=retry_after)
+        body = error_body(429, text, code="rate_limit_exceeded")
+        return ErrorInfo(Outcome.RATE_LIMITED, 429, body, retry_after=retry_after)
+    if grpc_status == "FAILED_PRECONDITION":
+        # Region or billing set-up of the proxy's project, not the caller's request.
+        return ErrorInfo(Outcome.FAILURE, status, error_body(status, text, code=grpc_status))
+    lowered = message.lower()
+    if status == 400 and "exceed" in lowered and any(m in lowered for m in CONTEXT_WINDOW_MARKERS):
+        body = error_body(400, text, code="context_length_exceeded")
+        return ErrorInfo(Outcome.IGNORED, 400, body, context_window=True)
+    code = "model_not_found" if status == 404 else (grpc_status or None)
+    return ErrorInfo(
+        classify_status(status),
+        status,
+        error_body(status, text, code=code),
+        retry_after=retry_after,
+        transient=is_transient(status),
+    )
+
+
+def _error_parts(obj: Any) -> tuple[int | None, str, str, list[Any]] | None:
+    if isinstance(obj, list) and obj:  # streamGenerateContent wraps errors in an array
+        obj = obj[0]
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(err, dict):
+        return None
+    code = err.get("code")
+    details = err.get("details")
+    return (
+        code if isinstance(code, int) else None,
+        str(err.get("status") or ""),
+        str(err.get("message") or ""),
+        details if isinstance(details, list) else [],
+    )
+
+
+# --- stream -----------------------------------------------------------------
+
+
+class GeminiStreamTranslator:
+    """Gemini streamGenerateContent?alt=sse -> OpenAI chat.completion.chunk payloads."""
+
+    def __init__(
+        self, client_model: str, include_usage: bool, created: int, new_token: Callable[[], str]
+    ) -> None:
+        self.has_content = False
+        self.finished = False
+        self.usage: Usage | None = None
+        self._model = client_model
+        self._include_usage = include_usage
+        self._created = created
+        self._new_token = new_token
+        self._id = ""
+        self._prefix = ""  # the constant head of every chunk, built at first use
+        self._suffix = '],"usage":null}' if include_usage else "]}"
+        self._parser = SSEParser()
+        self._role_sent: set[int] = set()
+        self._tool_count: dict[int, int] = {}  # choice -> tool calls so far
+        self._seen: set[int] = set()  # choices that appeared
+        self._done: set[int] = set()  # choices that got their finishReason
+        self._meta: Any = None
+        self._error: StreamError | None = None
+
+    def feed(self, data: bytes) -> list[str]:
+        if self._error is not None:
+            raise self._error
+        out: list[str] = []
+        for event in self._parser.feed(data):
+            self._chunk(event.data, out)
+            if self._error is not None:
+                if out:
+                    return out  # deliver what came first; raised on the next call
+                raise self._error
+        return out
+
+    def finish(self) -> list[str]:
+        if self._error is not None:
+            raise self._error
+        out: list[str] = []
+        for event in self._parser.close():
+            self._chunk(event.data, out)
+        if self._error is not None:
+            raise self._error
+        if not self.finished:
+            body = error_body(
+                502, "Gemini stream ended without a finishReason", code="upstream_stream_truncated"
+            )
+            raise StreamError(ErrorInfo(Outcome.FAILURE, 502, body))
+        if self._include_usage:
+            chunk = self._base()
+            chunk["choices"] = []
+            chunk["usage"] = _usage_dict(self._meta)
+            out.append(orjson.dumps(chunk).decode())
+        out.append(DONE)
+        return out
+
+    def _chunk(self, data: str, out: list[str]) -> None:
+        try:
+            obj = _load(data, "stream event")
+        except StreamError as exc:
+            self._error = exc
+            return
+        error = _error_parts(obj)
+        if error is not None:
+            code, grpc_status, message, details = error
+            status = code or STATUS_OF.get(grpc_status, 500)
+            self._error = StreamError(classify(status, grpc_status, message, details))
+            return
+        if not self._id:
+            self._id = f"chatcmpl-{obj.get('responseId') or self._new_token()}"
+        if obj.get("usageMetadata") is not None:
+            self._meta = obj["usageMetadata"]  # cumulative: the last one wins
+            self.usage = usage_of(self._meta)
+        candidates = obj.get("candidates") or ()
+        feedback = obj.get("promptFeedback")
+        if not candidates and isinstance(feedback, dict) and feedback.get("blockReason"):
+            self._error = _blocked(feedback)
+            return
+        for candidate in candidates:
+            if isinstance(candidate, dict):
+                self._candidate(candidate, out)
+        if self._seen and self._seen <= self._done:
+            self.finished = True
+
+    def _candidate(self, candidate: JSONDict, out: list[str]) -> None:
+        index = int(candidate.get("index") or 0)  # proto3 JSON omits a 0 index
+        if index in self._done:
+            return
+        self._seen.add(index)
+        for part in _candidate_parts(candidate):
+            if part.get("text"):
+                self._emit(index, {"content": part["text"]}, out)
+            elif isinstance(part.get("functionCall"), dict):
+                call = _call_delta(
+                    part["functionCall"], part.get("thoughtSignature"), self._new_token()
+                )
+                call = {"index": self._tool_count.get(index, 0), **call}
+                self._tool_count[index] = call["index"] + 1
+                self._emit(index, {"tool_calls": [call]}, out)
+        reason = candidate.get("finishReason")
+        if reason:
+            self._done.add(index)
+            mapped = finish_reason(reason, index in self._tool_count)
+            self._emit(index, {}, out, mapped)
+
+    def _base(self) -> JSONDict:
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+        }
+
+    def _emit(self, index: int, delta: JSONDict, out: list[str], finish: str | None = None) -> None:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if index not in self._role_sent:
+            self._role_sent.add(index)
+            role = {"role": "assistant", "content": ""}
+            out.append(
+                self._dump({"index": index, "delta": role, "logprobs": None, "finish_reason": None})
+            )
+        out.append(self._dump(choice))
+        self.has_content = True
+
+    def _dump(self, choice: JSONDict) -> str:
+        if not self._prefix:  # the id is known from the first upstream chunk on
+            head = orjson.dumps(self._base()).decode()
+            self._prefix = head[:-1] + ',"choices":['
+        return self._prefix + orjson.dumps(choice).decode() + self._suffix
+
+
+# --- adapter ----------------------------------------------------------------
+
+
+class GeminiAdapter:
+    """``ProviderAdapter`` for the Gemini API; ``clock`` and ``new_token`` are injectable."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        new_token: Callable[[], str] = _new_token,
+    ) -> None:
+        self._clock = clock
+        self._new_token = new_token
+
+    def _headers(self, provider: Provider, api_key: str | None) -> dict[str, str]:
+        headers = dict(provider.headers)
+        if api_key:
+            headers["x-goog-api-key"] = api_key
+        return headers
+
+    def build_request(
+        self,
+        endpoint: Endpoint,
+        body: JSONDict,
+        provider: Provider,
+        deployment: Deployment,
+        api_key: str | None,
+        stream: bool,
+    ) -> UpstreamRequest:
+        model = deployment.upstream_model.removeprefix("models/")
+        base = f"{provider.base_url}{API_PREFIX}/{model}"
+        if endpoint is Endpoint.CHAT:
+            payload = translate_request(body)
+            url = f"{base}:streamGenerateContent?alt=sse" if stream else f"{base}:generateContent"
+        elif endpoint is Endpoint.EMBEDDINGS:
+            method, payload = translate_embeddings(body, model)
+            url = f"{base}:{method}"
+        else:
+            raise InvalidRequest(
+                "Gemini upstreams do not serve legacy completions; "
+                "they are only served by OpenAI-compatible upstreams",
+                param="model",
+                code="unsupported_endpoint",
+            )
+        headers = {"content-type": "application/json", **self._headers(provider, api_key)}
+        return UpstreamRequest("POST", url, headers, orjson.dumps(payload))
+
+    def parse_response(
+        self,
+        endpoint: Endpoint,
+        body: bytes,
+        deployment: Deployment,
+        client_model: str,
+        *,
+        request_body: JSONDict | None = None,
+    ) -> JSONDict:
+        """A 2xx body -> the OpenAI object; ``request_body`` (the client's) picks base64 embeddings.
+
+        Raises ``StreamError`` carrying an ``ErrorInfo`` for a malformed body or a
+        blocked prompt (400 ``content_filter``, outcome IGNORED).
+        """
+        obj = _load(body, "response body")
+        if endpoint is Endpoint.EMBEDDINGS:
+            return self._embeddings(obj, client_model, request_body or {})
+        candidates = obj.get("candidates") or []
+        feedback = obj.get("promptFeedback")
+        if not candidates:
+            if isinstance(feedback, dict) and feedback.get("blockReason"):
+                raise _blocked(feedback)
+            raise _failure("no candidates")
+        choices = []
+        for position, candidate in enumerate(candidates):
+            texts: list[str] = []
+            calls: list[JSONDict] = []
+            for part in _candidate_parts(candidate):
+                if part.get("text"):
+                    texts.append(part["text"])
+                elif isinstance(part.get("functionCall"), dict):
+                    signature = part.get("thoughtSignature")
+                    calls.append(_call_delta(part["functionCall"], signature, self._new_token()))
+            reason = candidate.get("finishReason") or ""
+            message: JSONDict = {
+                "role": "assistant",
+                "content": "".join(texts) if texts or not calls else None,
+                "refusal": None,
+            }
+            if calls:
+                message["tool_calls"] = calls
+            choices.append(
+                {
+                    "index": int(candidate.get("index") or position),
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": finish_reason(reason, bool(calls)),
+                }
+            )
+        return {
+            "id": f"chatcmpl-{obj.get('responseId') or self._new_token()}",
+            "object": "chat.completion",
+            "created": int(self._clock()),
+            "model": client_model,
+            "choices": choices,
+            "usage": _usage_dict(obj.get("usageMetadata")),
+        }
+
+    def _embeddings(self, obj: JSONDict, client_model: str, request_body: JSONDict) -> JSONDict:
+        if isinstance(obj.get("embedding"), dict):
+            vectors = [obj["embedding"].get("values")]
+        elif isinstance(obj.get("embeddings"), list):
+            vectors = [e.get("values") if isinstance(e, dict) else None for e in obj["embeddings"]]
+        else:
+            raise _failure("a malformed embeddings body")
+        as_base64 = request_body.get("encoding_format") == "base64"
+        # Gemini's embedding replies carry no token counts unless usageMetadata is present.
+        tokens = usage_of(obj.get("usageMetadata")).prompt_tokens
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _embedding(v, as_base64)}
+                for i, v in enumerate(vectors)
+            ],
+            "model": client_model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ErrorInfo:
+        try:
+            parts = _error_parts(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            parts = None
+        if parts is None:
+            snippet = body[:200].decode("utf-8", "replace").strip()
+            parts = (status, "", f"HTTP {status}" + (f": {snippet}" if snippet else ""), [])
+        _, grpc_status, message, details = parts
+        retry_after = parse_retry_after(headers, self._clock())
+        return classify(status, grpc_status, message, details, retry_after)
+
+    def stream_translator(
+        self, endpoint: Endpoint, deployment: Deployment, client_model: str, include_usage: bool
+    ) -> GeminiStreamTranslator:
+        return GeminiStreamTranslator(
+            client_model, include_usage, int(self._clock()), self._new_token
+        )
+
+    def health_request(self, provider: Provider, api_key: str | None) -> UpstreamRequest:
+        path = provider.health_check.path or API_PREFIX
+        return UpstreamRequest("GET", provider.base_url + path, self._headers(provider, api_key))
