@@ -20,7 +20,7 @@ from proxy.errors import InvalidRequest, PayloadTooLarge
 from proxy.forward import Exchange, serve
 from proxy.providers.base import Endpoint, JSONDict
 from proxy.router import EXTENSION_KEY, parse_prefs, plan_route
-from proxy.state import MODEL_LABEL_KEY, STREAM_KEY, UPSTREAM_SECONDS_KEY, ProxyState
+from proxy.state import REQUEST_INFO, ProxyState
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
 REQUEST_ID_MAX = 128
@@ -116,8 +116,9 @@ async def _dispatch(
     model = _require_str(body, "model")
     prefs = parse_prefs(body.pop(EXTENSION_KEY, None))
     plan = plan_route(rules, model, request.headers, prefs, state)
-    request[MODEL_LABEL_KEY] = plan.resolved
-    request[STREAM_KEY] = stream
+    info = request[REQUEST_INFO]
+    info.model = plan.resolved
+    info.stream = stream
     ex = Exchange(
         request=request,
         state=state,
@@ -126,19 +127,14 @@ async def _dispatch(
         body=body,
         stream=stream,
         plan=plan,
-        request_id=request[REQUEST_ID],
+        request_id=info.request_id,
         started=time.perf_counter(),
         include_usage=include_usage,
     )
-    request[EXCHANGE_KEY] = ex
     try:
         return await serve(ex)
     finally:
-        request[UPSTREAM_SECONDS_KEY] = ex.upstream_seconds
-
-
-REQUEST_ID = "cb_request_id"
-EXCHANGE_KEY = "cb_exchange"
+        info.upstream_seconds = ex.upstream_seconds
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

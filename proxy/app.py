@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import admin, api
-from proxy.api import REQUEST_ID, STATE, request_id
+from proxy.api import STATE, request_id
 from proxy.errors import (
     MethodNotAllowed,
     NotFound,
@@ -27,7 +27,7 @@ from proxy.errors import (
     UpstreamHTTPError,
 )
 from proxy.rules import RulesError, file_fingerprint, load_rules
-from proxy.state import ProxyState
+from proxy.state import REQUEST_INFO, ProxyState, RequestInfo
 
 LOG = logging.getLogger("cb_proxy")
 # Connection pool: a sidecar serves one app; 256 keep-alive connections per upstream host is ample.
@@ -73,7 +73,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every error as OpenAI JSON with x-request-id; one place, one log line per request."""
     state = request.app[STATE]
     rid = request_id(request)
-    request[REQUEST_ID] = rid
+    info = RequestInfo(rid)
+    request[REQUEST_INFO] = info
     endpoint = ENDPOINT_NAMES.get(request.path)
     started = time.perf_counter()
     state.in_flight += 1
@@ -100,7 +101,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     finally:
         state.in_flight -= 1
         if endpoint is not None:
-            state.record_request(endpoint, request, status, time.perf_counter() - started)
+            state.record_request(endpoint, info, status, time.perf_counter() - started)
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

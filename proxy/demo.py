@@ -34,7 +34,14 @@ MOCKS = (
     ("mock-anthropic", "anthropic", 18083),
     ("mock-gemini", "gemini", 18084),
 )
-BOLD, DIM, GREEN, RED, YELLOW, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[33m", "\033[0m"
+BOLD, DIM, GREEN, RED, YELLOW, RESET = (
+    "\033[1m",
+    "\033[2m",
+    "\033[32m",
+    "\033[31m",
+    "\033[33m",
+    "\033[0m",
+)
 
 
 def _free_port(preferred: int) -> int:
@@ -73,7 +80,9 @@ def _summary(headers: Any) -> str:
     return " ".join(parts)
 
 
-async def _tour(base_url: str, mocks: dict[str, MockControl], state: ProxyState, say: Printer) -> None:
+async def _tour(
+    base_url: str, mocks: dict[str, MockControl], state: ProxyState, say: Printer
+) -> None:
     from openai import AsyncOpenAI  # the demo's client is the official SDK
 
     client = AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0)
@@ -102,7 +111,11 @@ async def _tour(base_url: str, mocks: dict[str, MockControl], state: ProxyState,
                 usage = chunk.usage
         say(f"   streamed {len(pieces)} pieces: {''.join(pieces)}")
         if usage is not None:
-            say(f"   usage: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens", DIM)
+            say(
+                f"   usage: {usage.prompt_tokens} prompt + "
+                f"{usage.completion_tokens} completion tokens",
+                DIM,
+            )
 
         say("3. A model the app asks for by an old name, rewritten by a route", BOLD)
         raw = await client.chat.completions.with_raw_response.create(
@@ -128,7 +141,9 @@ async def _tour(base_url: str, mocks: dict[str, MockControl], state: ProxyState,
         await client.close()
 
 
-async def _outage(client: Any, mocks: dict[str, MockControl], state: ProxyState, say: Printer) -> None:
+async def _outage(
+    client: Any, mocks: dict[str, MockControl], state: ProxyState, say: Printer
+) -> None:
     say("6. Outage: the primary OpenAI mock starts answering 503", BOLD)
     primary = mocks["mock-openai"]
     primary.set_faults([{"kind": "status", "status": 503}])
@@ -149,9 +164,10 @@ async def _outage(client: Any, mocks: dict[str, MockControl], state: ProxyState,
         )
         mark = YELLOW if raw.headers.get("x-cb-fallback") == "true" else GREEN
         say(f"   t+{time.monotonic() - started:4.1f}s {_summary(raw.headers)}", mark)
-        if raw.headers.get("x-cb-fallback") == "false" and raw.headers.get(
-            "x-cb-breaker-state"
-        ) == "closed":
+        if (
+            raw.headers.get("x-cb-fallback") == "false"
+            and raw.headers.get("x-cb-breaker-state") == "closed"
+        ):
             say("   the primary serves again: breaker closed", GREEN)
             break
         await asyncio.sleep(1.0)  # the demo paces itself in real time for people to watch
@@ -187,7 +203,12 @@ async def _main(port: int, exit_after_tour: bool, color: bool) -> int:
     ready: asyncio.Future[tuple[ProxyState, str, str]] = loop.create_future()
     stop = asyncio.Event()
     task = asyncio.create_task(
-        serve(settings, load_rules(rules_path), on_ready=lambda s, a, m: ready.set_result((s, a, m)), stop=stop)
+        serve(
+            settings,
+            load_rules(rules_path),
+            on_ready=lambda s, a, m: ready.set_result((s, a, m)),
+            stop=stop,
+        )
     )
     try:
         state, api, metrics = await ready
@@ -198,7 +219,7 @@ async def _main(port: int, exit_after_tour: bool, color: bool) -> int:
             say("The proxy keeps running. Try:", BOLD)
             say(
                 f"  curl -s {api}/v1/chat/completions -H 'content-type: application/json' "
-                "-d '{\"model\": \"auto\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"
+                '-d \'{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}\''
             )
             say(f"  curl -s {metrics}/metrics | grep circuit_breaker", DIM)
             say("Ctrl-C to stop.", DIM)

@@ -388,7 +388,7 @@ async def _send(
     total_deadline = sent + timeouts.total
     phase = _Phase.CONNECT
     try:
-        async with asyncio.timeout(min(sent + timeouts.first_token, total_deadline)) as deadline:
+        async with asyncio.timeout_at(min(sent + timeouts.first_token, total_deadline)) as deadline:
             async with session.request(
                 req.method,
                 req.url,
@@ -633,7 +633,7 @@ async def _relay_rest(
     failure: JSONDict | None = None
     try:
         # One timer for the rest of the stream, pushed forward at every chunk (idle gap).
-        async with asyncio.timeout(min(loop.time() + idle, total_deadline)) as gap:
+        async with asyncio.timeout_at(min(loop.time() + idle, total_deadline)) as gap:
             while True:
                 chunk = await content.readany()
                 if not chunk:

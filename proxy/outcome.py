@@ -25,7 +25,9 @@ _CALLER_FAULTS = frozenset({400, 404, 409, 413, 415, 422})
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
 
 
-def classify_status(status: int, error_code: str | None = None, *, client_key: bool = False) -> Outcome:
+def classify_status(
+    status: int, error_code: str | None = None, *, client_key: bool = False
+) -> Outcome:
     """Outcome of an HTTP reply from its status and the error body's code.
 
     ``client_key`` is True when the credential came from the client rather than

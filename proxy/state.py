@@ -29,10 +29,19 @@ from proxy.settings import Settings
 from proxy.usage import UsageTotals
 
 LOG = logging.getLogger("cb_proxy")
-# Keys a handler sets on the aiohttp request for the middleware's accounting.
-MODEL_LABEL_KEY = "cb_model"
-STREAM_KEY = "cb_stream"
-UPSTREAM_SECONDS_KEY = "cb_upstream_seconds"
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the middleware needs to know about a request once its handler is done."""
+
+    request_id: str
+    model: str = "unknown"  # a model name from the rules, never free text (metric label)
+    stream: bool = False
+    upstream_seconds: float | None = None
+
+
+REQUEST_INFO = web.RequestKey("cb_info", RequestInfo)
 
 
 def provider_keys(rules: RuleSet, environ: Mapping[str, str]) -> dict[str, str | None]:
@@ -128,12 +137,10 @@ class ProxyState:
         if ttft is not None:
             children[2].observe(ttft)
 
-    def record_request(
-        self, endpoint: str, request: web.BaseRequest, status: int, seconds: float
-    ) -> None:
+    def record_request(self, endpoint: str, info: RequestInfo, status: int, seconds: float) -> None:
         """Count one finished client request; metric children are bound once per label set."""
-        model = request.get(MODEL_LABEL_KEY, "unknown")
-        stream = "true" if request.get(STREAM_KEY) else "false"
+        model = info.model
+        stream = "true" if info.stream else "false"
         key = (endpoint, model, status // 100, stream)
         children = self._children.get(key)
         if children is None:
@@ -145,7 +152,7 @@ class ProxyState:
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)
-        upstream = request.get(UPSTREAM_SECONDS_KEY)
+        upstream = info.upstream_seconds
         if upstream is not None:
             self.metrics.overhead.observe(max(0.0, seconds - upstream))
 
