@@ -449,8 +449,14 @@ def _reply_object(ex: Exchange, attempt: _Attempt, raw: bytes) -> JSONDict:
     if cand.provider.type != "openai":
         try:
             return ex.state.translators[cand.provider.type].parse_response(
-                ex.endpoint, raw, cand.deployment, cand.deployment.upstream_model
+                ex.endpoint,
+                raw,
+                cand.deployment,
+                cand.deployment.upstream_model,
+                request_body=ex.body,
             )
+        except StreamError as exc:  # a 2xx that is an error after all (blocked, malformed)
+            raise AttemptFailed(_client_error(exc.info), exc.info.outcome, exc.info) from None
         except ProxyError as exc:
             raise AttemptFailed(exc, Outcome.FAILURE) from None
     try:

@@ -128,9 +128,19 @@ class ProviderAdapter(RequestAdapter, Protocol):
     """A format other than OpenAI's: replies and streams are translated back."""
 
     def parse_response(
-        self, endpoint: Endpoint, body: bytes, deployment: Deployment, client_model: str
+        self,
+        endpoint: Endpoint,
+        body: bytes,
+        deployment: Deployment,
+        client_model: str,
+        *,
+        request_body: JSONDict | None = None,
     ) -> JSONDict:
-        """A 2xx upstream body -> the OpenAI response object (``model`` = client_model)."""
+        """A 2xx upstream body -> the OpenAI response object (``model`` = client_model).
+
+        ``request_body`` is the client's request (e.g. its embeddings ``encoding_format``).
+        Raises StreamError when the 2xx body is an error after all (a blocked prompt).
+        """
         ...
 
     def stream_translator(
