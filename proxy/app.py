@@ -145,10 +145,12 @@ def reload_rules(state: ProxyState) -> bool:
     return True
 
 
-async def watch_rules(
-    state: ProxyState, interval: float, changed: asyncio.Event | None = None
-) -> None:
-    """Poll the rules file; a Kubernetes ConfigMap update is a symlink swap, which stat sees."""
+async def watch_rules(state: ProxyState, interval: float) -> None:
+    """Poll the rules file; a Kubernetes ConfigMap update is a symlink swap, which stat sees.
+
+    Polling (not inotify) because a ConfigMap volume swaps a ``..data`` symlink,
+    which watches on the file itself miss, and a stat per second costs nothing.
+    """
     path = state.settings.rules_path
     seen = file_fingerprint(path)
     while True:
@@ -157,9 +159,10 @@ async def watch_rules(
         if current is None or current == seen:
             continue
         seen = current
-        reload_rules(state)
-        if changed is not None:
-            changed.set()
+        ok = reload_rules(state)
+        async with state.reloads:
+            state.reload_results.append(ok)
+            state.reloads.notify_all()
 
 
 async def _rules_watcher(app: web.Application) -> AsyncIterator[None]:

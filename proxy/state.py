@@ -7,6 +7,7 @@ rules they started with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -70,6 +71,9 @@ class ProxyState:
     gates: RateLimitGate = field(default_factory=RateLimitGate)
     breaker_defaults: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     rng: random.Random = field(default_factory=random.Random)
+    # Each rules reload attempt (True = swapped in), and a condition to wait on them.
+    reload_results: list[bool] = field(default_factory=list)
+    reloads: asyncio.Condition = field(default_factory=asyncio.Condition)
     started_at: float = field(default_factory=time.time)
     _children: dict[tuple[str, str, int, str], tuple[Any, Any]] = field(default_factory=dict)
     _attempt_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = field(
@@ -155,6 +159,12 @@ class ProxyState:
         upstream = info.upstream_seconds
         if upstream is not None:
             self.metrics.overhead.observe(max(0.0, seconds - upstream))
+
+    async def wait_reloads(self, count: int) -> list[bool]:
+        """Wait until ``count`` reload attempts happened (for tests and the demo)."""
+        async with self.reloads:
+            await self.reloads.wait_for(lambda: len(self.reload_results) >= count)
+            return list(self.reload_results)
 
     @property
     def ready(self) -> bool:
