@@ -17,7 +17,7 @@ from contextlib import suppress
 import aiohttp
 from aiohttp import web
 
-from proxy import admin, api
+from proxy import admin, api, health
 from proxy.api import STATE, request_id
 from proxy.errors import (
     MethodNotAllowed,
@@ -186,6 +186,7 @@ def create_app(state: ProxyState) -> web.Application:
     admin.add_routes(app, api_port=True)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_rules_watcher)
+    app.cleanup_ctx.append(health.health_checks)  # after the session: it uses it
     return app
 
 

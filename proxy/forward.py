@@ -70,6 +70,7 @@ READ_CHUNK = 64 * 1024
 RELAYED_PREFIXES = ("x-ratelimit-", "openai-processing-ms", "openai-version")
 RETRY_BUDGET_FLOOR = 3
 DEFAULT_RETRY_AFTER = 1.0
+FORCED_OPEN_RETRY_AFTER = 60.0
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -228,7 +229,9 @@ async def serve(ex: Exchange) -> web.StreamResponse:
         while True:
             permit = breaker.permit()
             if permit is None:
-                open_waits.append(breaker.retry_after_seconds() or 1.0)
+                wait = breaker.retry_after_seconds()
+                # A forced-open breaker never reopens by itself: do not invite quick retries.
+                open_waits.append(FORCED_OPEN_RETRY_AFTER if wait is None else wait)
                 state.metrics.rejections.labels(cand.provider.name, "breaker_open").inc()
                 break
             try:

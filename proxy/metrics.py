@@ -170,6 +170,12 @@ class Metrics:
             ["provider", "model"],
             registry=r,
         )
+        self.health_checks = Counter(
+            "cb_proxy_health_checks_total",
+            "Active health checks by result (pass, fail, ignored, skipped).",
+            ["upstream", "result"],
+            registry=r,
+        )
         self.rules_reloads = Counter(
             "cb_proxy_rules_reloads_total",
             "Rules file reloads by result (ok, error).",
