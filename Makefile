@@ -42,11 +42,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install
-	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-report=term:skip-covered
+DEPLOY_TESTS := tests/test_deploy_static.py tests/test_deploy_live.py
 
+unit: install
+	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-report=term:skip-covered \
+	  $(addprefix --ignore=,$(DEPLOY_TESTS))
+
+# promtool, offline Kubernetes schemas, and the live Prometheus scrape of a proxy under an outage.
 check-deploy: install tools
 	PATH="$(abspath $(BIN)):$$PATH" bash deploy/check.sh
+	$(BIN)/pytest -q -p no:cacheprovider $(DEPLOY_TESTS)
 
 test: install tools lint typecheck unit check-deploy
 

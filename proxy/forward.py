@@ -157,9 +157,13 @@ class _Attempt:
         elapsed = self.seconds(ex)
         latency = self.ttft if self.ttft is not None else elapsed
         self.breaker.record(self.permit, outcome, latency * 1000.0, retry_after)
-        ex.state.record_attempt(
+        state = ex.state
+        state.record_attempt(
             self.cand.provider, self.cand.deployment.model, outcome.value, elapsed, self.ttft
         )
+        if self.index > 0 and outcome is Outcome.SUCCESS:
+            primary = ex.plan.candidates[0].provider.name
+            state.metrics.fallbacks.labels(primary, self.cand.provider.name).inc()
 
 
 def _client_error(info: ErrorInfo) -> ProxyError:
