@@ -36,8 +36,8 @@ run: install
 	$(BIN)/cb-proxy serve
 
 lint: install
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check proxy tests bench deploy
+	$(BIN)/ruff format --check proxy tests bench deploy
 
 typecheck: install
 	$(BIN)/mypy
