@@ -230,13 +230,17 @@ async def serve(ex: Exchange) -> web.StreamResponse:
             continue
         breaker = state.breaker(cand.provider.name)
         retries = 0
+        retried: AttemptFailed | None = None  # the failure whose retry is pending
         while True:
             permit = breaker.permit()
             if permit is None:
+                state.metrics.rejections.labels(cand.provider.name, "breaker_open").inc()
+                if retried is not None:
+                    errors.append(retried)  # it was tried and failed: its error still counts
+                    break
                 wait = breaker.retry_after_seconds()
                 # A forced-open breaker never reopens by itself: do not invite quick retries.
                 open_waits.append(FORCED_OPEN_RETRY_AFTER if wait is None else wait)
-                state.metrics.rejections.labels(cand.provider.name, "breaker_open").inc()
                 break
             try:
                 return await _attempt(ex, cand, index, breaker, permit)
@@ -257,7 +261,9 @@ async def serve(ex: Exchange) -> web.StreamResponse:
                 if failed.outcome is Outcome.RATE_LIMITED:
                     retry_after = failed.info.retry_after if failed.info else None
                     state.gates.close(gate_key, gate_seconds(retry_after))
-                wait = _retry_wait(failed, policy, state)
+                # A failed probe is not retried: the breaker has just learnt the upstream is
+                # still down, and the client's time is better spent on the next candidate.
+                wait = None if permit.probe else _retry_wait(failed, policy, state)
                 if (
                     wait is not None
                     and retries < policy.same_deployment_retries
@@ -266,6 +272,7 @@ async def serve(ex: Exchange) -> web.StreamResponse:
                     and state.retries_in_flight < _retry_budget(state, policy)
                 ):
                     retries += 1
+                    retried = failed
                     state.metrics.retries.labels(cand.provider.name).inc()
                     state.retries_in_flight += 1
                     try:
@@ -292,13 +299,17 @@ def _retry_budget(state: ProxyState, policy: RetryPolicy) -> float:
 
 def _retry_wait(failed: AttemptFailed, policy: RetryPolicy, state: ProxyState) -> float | None:
     """Seconds to wait before retrying the same deployment, or None for no retry."""
+    retry_after = failed.info.retry_after if failed.info is not None else None
+    if failed.outcome is Outcome.RATE_LIMITED:
+        # breaker.md: a 429 asking for at most max_retry_wait is retried once on the same
+        # deployment, keeping the model the client asked for; otherwise fail over at once.
+        if retry_after is not None and retry_after <= policy.max_retry_wait:
+            return retry_after
+        return None
     if not failed.transient:
         return None  # timeouts and non-transient failures move on to the next candidate
-    retry_after = failed.info.retry_after if failed.info is not None else None
     if retry_after is not None:
         return retry_after if retry_after <= policy.max_retry_wait else None
-    if failed.outcome is Outcome.RATE_LIMITED:
-        return None  # a 429 without a short Retry-After: fail over at once
     # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
     return state.rng.uniform(policy.backoff_ms, policy.max_backoff_ms) / 1000.0
 
@@ -374,8 +385,12 @@ async def _attempt(
         retry_after = failed.info.retry_after if failed.info else None
         attempt.finish(ex, failed.outcome, retry_after)
         raise
+    except asyncio.CancelledError:
+        # The client went away (breaker.md: ignored): a probe slot returns, nothing counts.
+        attempt.finish(ex, Outcome.IGNORED)
+        raise
     except BaseException:
-        # Cancelled (the client went away) or a bug: no outcome for the breaker.
+        # A bug in the proxy: the upstream is not to blame.
         breaker.release(permit)
         attempt.seconds(ex)
         raise
@@ -502,14 +517,7 @@ def _plain_response(
 def _account(ex: Exchange, cand: Candidate, usage: Usage | None) -> float | None:
     if usage is None:
         return None
-    state = ex.state
-    dep = cand.deployment
-    cost = state.usage.add(dep, usage)
-    m = state.metrics
-    m.tokens.labels(dep.provider, dep.model, "prompt").inc(usage.prompt_tokens)
-    m.tokens.labels(dep.provider, dep.model, "completion").inc(usage.completion_tokens)
-    m.cost.labels(dep.provider, dep.model).inc(cost)
-    return cost
+    return ex.state.account(cand.deployment, usage)
 
 
 def _error_frame(error: JSONDict) -> bytes:
@@ -618,7 +626,10 @@ async def _stream(
     headers.update(_relayed(resp.headers))
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     try:
-        await out.prepare(ex.request)
+        try:
+            await out.prepare(ex.request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone(str(exc)) from exc
         outcome = await _relay_rest(ex, attempt, relay, content, out, pending, total_deadline)
     except ClientGone:
         LOG.info("request %s: the client went away mid-stream", ex.request_id)

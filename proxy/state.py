@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
 from proxy.metrics import Metrics
 from proxy.providers.anthropic import AnthropicAdapter
-from proxy.providers.base import ProviderAdapter, RequestAdapter
+from proxy.providers.base import ProviderAdapter, RequestAdapter, Usage
 from proxy.providers.gemini import GeminiAdapter
 from proxy.providers.openai import OpenAIAdapter
 from proxy.ratelimit import RateLimitGate
@@ -79,6 +79,7 @@ class ProxyState:
     _attempt_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = field(
         default_factory=dict
     )
+    _usage_children: dict[tuple[str, str], tuple[Any, Any, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.translators = {"anthropic": AnthropicAdapter(), "gemini": GeminiAdapter()}
@@ -160,6 +161,24 @@ class ProxyState:
         if upstream is not None:
             self.metrics.overhead.observe(max(0.0, seconds - upstream))
 
+    def account(self, deployment: Deployment, usage: Usage) -> float:
+        """Add one request's tokens and cost to the totals and the metrics; return the cost."""
+        cost = self.usage.add(deployment, usage)
+        key = (deployment.provider, deployment.model)
+        children = self._usage_children.get(key)
+        if children is None:
+            m = self.metrics
+            children = (
+                m.tokens.labels(deployment.provider, deployment.model, "prompt"),
+                m.tokens.labels(deployment.provider, deployment.model, "completion"),
+                m.cost.labels(deployment.provider, deployment.model),
+            )
+            self._usage_children[key] = children
+        children[0].inc(usage.prompt_tokens)
+        children[1].inc(usage.completion_tokens)
+        children[2].inc(cost)
+        return cost
+
     async def wait_reloads(self, count: int) -> list[bool]:
         """Wait until ``count`` reload attempts happened (for tests and the demo)."""
         async with self.reloads:
@@ -169,3 +188,13 @@ class ProxyState:
     @property
     def ready(self) -> bool:
         return self.api_listening and not self.draining
+
+    def latency_ms(self, deployment: Deployment) -> float | None:
+        """Routing (LiveView): the upstream's live p95 in ms; None until measured."""
+        p95 = self.breakers.get(deployment.provider).latency_p95_ms()
+        return p95 if p95 >= 0 else None
+
+    def success_ratio(self, deployment: Deployment) -> float | None:
+        """Routing (LiveView): success share in the breaker window; None with no calls."""
+        ratio = self.breakers.get(deployment.provider).success_ratio()
+        return ratio if ratio >= 0 else None
