@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.errors import InvalidRequest, PayloadTooLarge
 from proxy.forward import Exchange, serve
 from proxy.providers.base import Endpoint, JSONDict
-from proxy.router import EXTENSION_KEY, parse_prefs, plan_route
+from proxy.router import EXTENSION_KEY, log_plan, parse_prefs, plan_route, routing_inputs
 from proxy.state import REQUEST_INFO, ProxyState
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
@@ -115,8 +115,12 @@ async def _dispatch(
     rules = state.rules  # read once: the request keeps these rules even if a reload swaps them
     model = _require_str(body, "model")
     prefs = parse_prefs(body.pop(EXTENSION_KEY, None))
-    plan = plan_route(rules, model, request.headers, prefs, state)
+    messages, prompt_tokens = routing_inputs(body)
+    plan = plan_route(
+        rules, model, request.headers, prefs, state, messages=messages, prompt_tokens=prompt_tokens
+    )
     info = request[REQUEST_INFO]
+    log_plan(plan, info.request_id)  # one debug line with the whole plan; free at info
     info.model = plan.resolved
     info.stream = stream
     ex = Exchange(

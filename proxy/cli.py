@@ -107,6 +107,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    """Print the plan ``plan_route`` makes for a request, with no live stats (StaticView)."""
+    from proxy.errors import ProxyError
+    from proxy.router import candidate_facts, estimate_prompt_tokens, format_usd
+    from proxy.tasks import guess_task
+
     try:
         rules = load_rules(args.rules)
     except RulesError as err:
@@ -121,30 +126,106 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raw["max_cost_per_1k_tokens"] = args.max_cost
     if args.max_latency_ms is not None:
         raw["max_latency_ms"] = args.max_latency_ms
-    prefs: RequestPrefs = parse_prefs(raw)
     headers = dict(h.split("=", 1) for h in args.header if "=" in h)
     headers = {k.lower(): v for k, v in headers.items()}
-    from proxy.errors import ProxyError
-
+    messages: list[dict[str, object]] = (
+        [{"role": "user", "content": args.prompt}] if args.prompt else []
+    )
+    prompt_tokens = estimate_prompt_tokens({"messages": messages})
     try:
-        plan = plan_route(rules, args.model, headers, prefs, StaticView())
+        prefs: RequestPrefs = parse_prefs(raw)
+        plan = plan_route(
+            rules,
+            args.model,
+            headers,
+            prefs,
+            StaticView(),
+            messages=messages,
+            prompt_tokens=prompt_tokens,
+        )
     except ProxyError as err:
         print(f"error {err.http_status}: {err.message}")
         return 1
-    print(f"requested: {plan.requested}")
-    print(f"resolved:  {plan.resolved}")
-    print(f"strategy:  {plan.strategy}")
-    print(f"route:     {plan.header()}")
-    print("candidates (in order):")
-    for i, cand in enumerate(plan.candidates, 1):
-        dep = cand.deployment
-        print(
-            f"  {i}. {dep.key} -> {cand.provider.type} {dep.upstream_model} "
-            f"(in ${dep.input_cost_per_1k}/1k, out ${dep.output_cost_per_1k}/1k)"
+
+    virtual = rules.virtual_models.get(plan.resolved)
+    resolved = plan.resolved + (" (virtual model)" if virtual is not None else "")
+    if plan.resolved != plan.requested:
+        resolved += " (rewritten by a route)"
+    if args.strategy:
+        strategy_source = "request"
+    elif virtual is not None:
+        strategy_source = "virtual model"
+    else:
+        strategy_source = "defaults"
+    if plan.task_source == "detected":
+        guess = guess_task(messages)
+        scores = ", ".join(f"{task} {score:g}" for task, score in guess.scores.items())
+        task = f"{plan.task_type} (detected from the prompt; scores: {scores})"
+    elif plan.task_type:
+        task = f"{plan.task_type} (from the {plan.task_source or 'request'})"
+    else:
+        task = "not needed by this plan"
+    limits = []
+    if plan.max_cost is not None:
+        cap = plan.max_cost
+        limits.append(f"max cost {format_usd(cap.input)}/1k in, {format_usd(cap.output)}/1k out")
+    if plan.max_latency_ms is not None:
+        limits.append(f"max latency {plan.max_latency_ms:g}ms")
+
+    print(f"requested:   {plan.requested}")
+    print(f"resolved:    {resolved}")
+    print(f"strategy:    {plan.strategy} (from the {strategy_source})")
+    print(f"task:        {task}")
+    print(f"prompt:      ~{plan.prompt_tokens} tokens (characters / 4)")
+    print(f"constraints: {'; '.join(limits) or 'none'}")
+    print(f"x-cb-route:  {plan.header()}")
+    print("candidates (in order; live latency and reliability are not known here):")
+    if not plan.candidates:
+        print("  none")
+    facts = candidate_facts(plan)
+    width = max((len(f.candidate.deployment.key) for f in facts), default=0)
+    upstream_width = max(
+        (
+            len(f.candidate.provider.type) + len(f.candidate.deployment.upstream_model)
+            for f in facts
+        ),
+        default=0,
+    )
+    number_width = len(str(len(facts)))
+    for i, fact in enumerate(facts, 1):
+        dep = fact.candidate.deployment
+        latency = (
+            f"{fact.latency_ms:g}ms {fact.latency_source}"
+            if fact.latency_ms is not None
+            else "latency unknown"
         )
-    if plan.rejected:
-        print("rejected:")
-        for rej in plan.rejected:
+        if fact.quality is None:
+            quality = "quality -"
+        elif plan.task_type is None:
+            quality = f"mean quality {fact.quality:.3g}"
+        else:
+            quality = f"{plan.task_type} quality {fact.quality:g}"
+        cols = [
+            f"  {i:>{number_width}}. {dep.key:<{width}}",
+            f"{fact.candidate.provider.type} {dep.upstream_model}".ljust(upstream_width + 1),
+            f"{format_usd(dep.input_cost_per_1k)} in + "
+            f"{format_usd(dep.output_cost_per_1k)} out /1k",
+            latency,
+            quality,
+        ]
+        if fact.score is not None:
+            cols.append(f"score {fact.score:.3f}")
+        if fact.role == "fallback":
+            cols.append("[fallback]")
+        if fact.blocked:
+            cols.append("[breaker open]")
+        if i == 1:
+            cols.append(f"<- first: {plan.reason}")
+        print("  ".join(cols))
+    rejected = plan.rejected
+    if rejected:
+        print("dropped:")
+        for rej in rejected:
             print(f"  - {rej.deployment}: {rej.reason}")
     return 0
 

@@ -3,20 +3,84 @@
 A RoutePlan is the ordered list of candidates (deployment, provider) the
 forwarding loop walks, plus, for every deployment it did not pick, the reason.
 The router is pure: the caller passes in the live facts (which providers have
-a key, breaker state, latency and success ratio per deployment) through the
-``LiveView`` protocol, so the same code answers a real request and
-``cb-proxy explain``.
+a key, breaker state, latency and success ratio) through the ``LiveView``
+protocol, so the same code answers a real request and ``cb-proxy explain``.
 
-Order of resolution (rules-format.md): the first matching route rewrites the
-requested model and adds its fallbacks; the resulting name is a model, an
-alias or a virtual model; then come the request's own ``fallback_models``, the
-virtual model's, the route's and the defaults', each deployment once.
+Resolution (rules-format.md): the first matching route rewrites the requested
+model and adds its fallbacks; the resulting name is a model, an alias or a
+virtual model. Its deployments (a virtual model's: those of its candidates,
+or of every chat model, i.e. every model that rates its quality, when it
+lists none) are the primary candidates. The strategy orders them; then come
+the request's own ``fallback_models``, the virtual model's, the route's and
+the defaults', each deployment once, each group ordered by its own virtual
+model's strategy or else the plan's.
+
+Drops, before any ordering: no key; a context window smaller than the
+estimated prompt (characters / 4); over a constraint. A cost cap passes a
+deployment whose input and output prices per 1k are both at most the cap; a
+latency cap one whose live p95 (its prior until measured) is at most the cap,
+and no deployment whose latency is unknown. Constraints (the request's, else
+the virtual model's) bind the primary candidates and the fallbacks from the
+rules, so a budget is never broken silently; the fallbacks the request names
+itself are exempt: a client that sets a cap and names fallbacks has said what
+it accepts beyond the cap. When the drops leave nothing, a 400 lists every
+deployment with its reason (all "no key": an empty plan, and the forwarding
+loop answers 503).
+
+Orders (ties, finally, by declaration order: a model's deployments as listed,
+a virtual model's candidates as listed, else catalog order):
+
+- ``cost_optimized``: lowest input + output price per 1k; ties by quality
+  (for the task type when it is known without detection, else the model's
+  mean rating).
+- ``performance_first``: lowest latency, i.e. the upstream's live p95, else
+  the rules' prior, else unknown (last); ties by price.
+- ``reliability_first``: highest live success ratio in the breaker window.
+  An upstream with no calls in the window counts as 1.0 (an idle upstream is
+  presumed healthy, so traffic can move to it) but ranks after a measured
+  1.0; then ties by latency.
+- ``task_specific``: highest quality for the task type (0 when the model does
+  not rate it); ties by price.
+- ``balanced``: highest score
+  ``(wq*Q + wc*C + wl*L + wr*R) / (wq + wc + wl + wr)`` with the weights of
+  ``defaults.weights``; each term is min-max normalised to 0..1 over the
+  candidates being ordered: Q quality for the task, C cheapness
+  ``(max - price) / (max - min)``, L speed likewise over latencies (unknown
+  latency scores 0), R success ratio (unmeasured: 1.0). A term whose values
+  are all equal gives every candidate 1; equal scores go by declaration order.
+
+The task type is the request's, else the virtual model's, else detected from
+the messages (proxy.tasks), and detection runs only when the ordering needs
+it: ``task_specific`` or ``balanced`` over more than one model (a model's
+deployments share its quality ratings).
+
+Invariants:
+- The plan's order is honest about the first choice: a deployment whose
+  breaker is open keeps its place (ordered as if healthy) and is listed in
+  ``blocked``; the forwarding loop skips it without I/O, so ``x-cb-fallback``
+  says when the strategy's first choice did not serve.
+- A deployment appears at most once in ``candidates``; every deployment
+  considered and not there has exactly one Rejection.
+- Deterministic: the same rules, request and live facts give the same plan.
+- Live facts are per upstream (one breaker per provider, breaker.md "Keys"),
+  so the router asks the LiveView once per provider per request.
+- Lookup tables are compiled once per RuleSet (``_compiled``); a request does
+  dictionary lookups, filters over precomputed tuples and, only when the live
+  facts changed, a sort: orders are memoised per pool on (strategy, task,
+  each upstream's p95 and success ratio, surviving deployments). Success
+  ratios are compared at 0.1 % resolution (``SUCCESS_DECIMALS``) so that a
+  steady trickle of calls does not defeat the memo.
+- Rejection reasons are formatted only when read (``RoutePlan.rejected``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
+from types import MappingProxyType
 from typing import Protocol
 
 from proxy.errors import InvalidRequest, ModelNotFound
@@ -30,12 +94,28 @@ from proxy.rules import (
     RuleSet,
     Strategy,
     TaskType,
+    VirtualModel,
+    Weights,
 )
+from proxy.tasks import detect_task, message_text
 
 EXTENSION_KEY = "circuit_breaker"
 EXTENSION_KEYS = frozenset(
     {"routing_strategy", "task_type", "max_cost_per_1k_tokens", "max_latency_ms", "fallback_models"}
 )
+VIRTUAL_PREFIX = "cb:"  # names in this namespace are virtual models (404 lists only those)
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text; a cheap estimate, not a tokenizer
+COMPILED_CACHE_SIZE = 2  # RuleSets whose tables are kept: the current one and the one before
+ORDER_MEMO_SIZE = 64  # per pool; live facts are few values per provider, so orders repeat
+UNRATED_QUALITY = 0.0
+UNMEASURED_SUCCESS = 1.0
+SUCCESS_DECIMALS = 3  # success ratios are compared at 0.1 % resolution
+UNKNOWN_LATENCY = math.inf
+HEADER_SAFE = frozenset(map(chr, range(0x20, 0x7F)))
+
+LOG = logging.getLogger("cb_proxy.route")
+
+_EMPTY: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +201,59 @@ def parse_prefs(raw: object) -> RequestPrefs:
     )
 
 
+# --------------------------------------------------------------------------- request inputs
+
+
+def _chars(value: object) -> int:
+    """Characters of a prompt-like value: a string, text parts, or (for a batch) the longest."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) for v in value):  # a pre-tokenized prompt
+            return len(value) * CHARS_PER_TOKEN
+        return max(_chars(v) for v in value)
+    return 0
+
+
+def estimate_prompt_tokens(body: Mapping[str, object]) -> int:
+    """Tokens of a request's prompt, estimated as characters / 4 (rounded up).
+
+    Chat: the text of every message. Completions and embeddings: the longest
+    prompt or input of a batch, since each item is limited on its own.
+    """
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        chars = 0
+        for message in messages:
+            if isinstance(message, dict):
+                content = message.get("content")
+                chars += len(content) if isinstance(content, str) else len(message_text(content))
+    else:
+        chars = _chars(body.get("prompt", body.get("input")))
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def routing_inputs(body: Mapping[str, object]) -> tuple[Sequence[Mapping[str, object]], int]:
+    """What ``plan_route`` needs from a request body: messages (for task detection) and
+    the estimated prompt tokens (for context windows)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return messages, estimate_prompt_tokens(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return ({"role": "user", "content": prompt},), estimate_prompt_tokens(body)
+    return (), estimate_prompt_tokens(body)
+
+
+# --------------------------------------------------------------------------- live view
+
+
 class LiveView(Protocol):
-    """Live facts about upstreams that routing depends on."""
+    """Live facts about upstreams that routing depends on.
+
+    The router asks once per provider per request (breakers are per provider)
+    and uses the answer for every deployment on that provider.
+    """
 
     def has_key(self, provider: Provider) -> bool: ...
 
@@ -130,9 +261,17 @@ class LiveView(Protocol):
         """True when the deployment's breaker is open (no probe allowed now)."""
         ...
 
+    def latency_ms(self, deployment: Deployment) -> float | None:
+        """Live p95 latency in ms over the breaker window; None when nothing was measured."""
+        ...
+
+    def success_ratio(self, deployment: Deployment) -> float | None:
+        """Share of calls that succeeded in the breaker window (0..1); None with no calls."""
+        ...
+
 
 class StaticView:
-    """Every provider usable, no breaker open: for `explain` without live state and for tests."""
+    """Every provider usable, no breaker open, nothing measured: for `explain` and tests."""
 
     def has_key(self, provider: Provider) -> bool:
         return True
@@ -140,12 +279,36 @@ class StaticView:
     def is_blocked(self, deployment: Deployment) -> bool:
         return False
 
+    def latency_ms(self, deployment: Deployment) -> float | None:
+        return None
+
+    def success_ratio(self, deployment: Deployment) -> float | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStats:
+    """What the router knew about one upstream (provider) when it planned."""
+
+    available: bool  # has its key
+    blocked: bool  # breaker open now
+    latency_ms: float | None = None  # live p95; None = not measured (or not asked)
+    success_ratio: float | None = None  # None = no calls in the window (or not asked)
+
+
+_NO_STATS: Mapping[str, UpstreamStats] = MappingProxyType({})
+
+
+# --------------------------------------------------------------------------- plan
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
     deployment: Deployment
     provider: Provider
     context_window: int | None
+    # The model's quality ratings (shared by its deployments), for explain and the log.
+    quality: Mapping[str, float] = field(default_factory=lambda: _EMPTY, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +323,27 @@ class RoutePlan:
     resolved: str  # the model or virtual model name after routes
     strategy: str
     candidates: tuple[Candidate, ...]
-    rejected: tuple[Rejection, ...] = ()
-    reason: str = ""
+    drops: tuple[_Drop, ...] = ()  # what the filters dropped; see ``rejected``
+    reason: str = ""  # why the first candidate is first, short
     task_type: str | None = None
     blocked: tuple[Candidate, ...] = field(default=())  # candidates whose breaker is open now
+    task_source: str = ""  # "request" | "virtual model" | "detected" | "" (not needed)
+    # candidates[:primary_count] are the strategy's order; the rest are fallbacks.
+    primary_count: int = 0
+    scores: tuple[float, ...] = ()  # balanced scores of the primary candidates, in order
+    # The live facts per provider the plan was made with (empty on the one-deployment path).
+    stats: Mapping[str, UpstreamStats] = field(default_factory=lambda: _NO_STATS)
+    prompt_tokens: int = 0
+    max_cost: CostCap | None = None
+    max_latency_ms: float | None = None
+
+    @property
+    def rejected(self) -> tuple[Rejection, ...]:
+        """Every deployment considered and not in the plan, with why (built on demand)."""
+        return _rejections(self.drops, self.candidates)
 
     def header(self) -> str:
-        """The short ``x-cb-route`` value."""
+        """The short ``x-cb-route`` value: strategy, task, choice and why; ASCII only."""
         first = self.candidates[0].deployment.key if self.candidates else "-"
         parts = [f"strategy={self.strategy}"]
         if self.task_type:
@@ -174,30 +351,538 @@ class RoutePlan:
         parts.append(f"chose={first}")
         if self.reason:
             parts.append(f"reason={self.reason}")
-        return "; ".join(parts)
+        if self.resolved != self.requested:
+            parts.append(f"rewrote={self.requested}->{self.resolved}")
+        text = "; ".join(parts)
+        if text.isascii() and text.isprintable():
+            return text
+        return "".join(c if c in HEADER_SAFE else "?" for c in text)
 
 
-def _candidates_of(rules: RuleSet, name: str) -> list[Model]:
-    """Models a name stands for: the model itself, or a virtual model's candidates."""
-    model = rules.resolve_model(name)
-    if model is not None:
-        return [model]
-    virtual = rules.virtual_models.get(name)
-    if virtual is None:
-        return []
-    names = virtual.candidates if virtual.candidates is not None else tuple(rules.models)
-    found = [rules.resolve_model(n) for n in names]
-    return [m for m in found if m is not None]
+# --------------------------------------------------------------------------- compiled tables
+
+
+@dataclass(frozen=True, slots=True)
+class _Pool:
+    """The deployments a name stands for, in declaration order, with their static facts.
+
+    Per-candidate facts are parallel tuples so that filters and sort keys are
+    list comprehensions and ``__getitem__`` lookups, not attribute chains.
+    """
+
+    cands: tuple[Candidate, ...]
+    keys: tuple[str, ...]  # deployment keys
+    ins: tuple[float, ...]  # input price per 1k
+    outs: tuple[float, ...]  # output price per 1k
+    prices: tuple[float, ...]  # input + output per 1k
+    priors: tuple[float, ...]  # latency prior in ms; UNKNOWN_LATENCY when the rules give none
+    windows: tuple[float, ...]  # context window; inf when unknown
+    quality: Mapping[str | None, tuple[float, ...]]  # task type -> rating; None -> mean rating
+    providers: tuple[str, ...]  # distinct, in order of first appearance
+    reps: tuple[Candidate, ...]  # the first candidate on each of those providers
+    pidx: tuple[int, ...]  # per candidate: the index of its provider in ``providers``
+    models: int  # distinct models
+    min_window: float  # the smallest known context window; inf when none is known
+    everything: tuple[int, ...]  # range(len(cands)): "no candidate dropped"
+    # Balanced terms that depend only on the rules, filled on first use (see _Planner.balanced).
+    static: dict[object, tuple[float, ...]] = field(default_factory=dict, compare=False)
+    # Orders of the whole pool by (strategy, task, live facts): see _Planner.ordered.
+    memo: dict[object, _Ordered] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    name: str
+    virtual: VirtualModel | None
+    pool: _Pool
+
+
+def _pool(models: Sequence[Model], rules: RuleSet, cache: dict[str, Candidate]) -> _Pool:
+    cands: list[Candidate] = []
+    for model in models:
+        for dep in model.deployments:
+            cand = cache.get(dep.key)
+            if cand is None:
+                provider = rules.providers[dep.provider]
+                window = dep.context_window or model.context_window
+                cand = cache[dep.key] = Candidate(dep, provider, window, model.quality)
+            cands.append(cand)
+    deps = [c.deployment for c in cands]
+    providers = list(dict.fromkeys(d.provider for d in deps))
+    reps = {p: next(c for c in cands if c.deployment.provider == p) for p in providers}
+    quality: dict[str | None, tuple[float, ...]] = {
+        t: tuple(c.quality.get(t, UNRATED_QUALITY) for c in cands) for t in TASK_TYPES
+    }
+    quality[None] = tuple(
+        sum(c.quality.values()) / len(c.quality) if c.quality else UNRATED_QUALITY for c in cands
+    )
+    windows = tuple(
+        math.inf if c.context_window is None else float(c.context_window) for c in cands
+    )
+    return _Pool(
+        cands=tuple(cands),
+        keys=tuple(d.key for d in deps),
+        ins=tuple(d.input_cost_per_1k for d in deps),
+        outs=tuple(d.output_cost_per_1k for d in deps),
+        prices=tuple(d.input_cost_per_1k + d.output_cost_per_1k for d in deps),
+        priors=tuple(UNKNOWN_LATENCY if d.latency_ms is None else d.latency_ms for d in deps),
+        windows=windows,
+        quality=quality,
+        providers=tuple(providers),
+        reps=tuple(reps.values()),
+        pidx=tuple(providers.index(d.provider) for d in deps),
+        models=len({d.model for d in deps}),
+        min_window=min(windows, default=math.inf),
+        everything=tuple(range(len(cands))),
+    )
+
+
+def _compile(rules: RuleSet) -> dict[str, _Target]:
+    cache: dict[str, Candidate] = {}
+    targets: dict[str, _Target] = {}
+    for name, model in rules.models.items():
+        targets[name] = _Target(name, None, _pool([model], rules, cache))
+    for alias, canonical in rules.model_index.items():
+        targets.setdefault(alias, targets[canonical])
+    # A virtual model without candidates takes every chat model: embedding models
+    # rate no quality, so "rates its quality" is what tells them apart.
+    rated = [m for m in rules.models.values() if m.quality]
+    chat_models = rated or list(rules.models.values())
+    for name, virtual in rules.virtual_models.items():
+        if virtual.candidates is None:
+            models = chat_models
+        else:
+            models = [rules.models[n] for n in virtual.candidates if n in rules.models]
+        targets[name] = _Target(name, virtual, _pool(models, rules, cache))
+    return targets
+
+
+_COMPILED: dict[int, tuple[RuleSet, dict[str, _Target]]] = {}
+
+
+def _compiled(rules: RuleSet) -> dict[str, _Target]:
+    """The tables of ``rules``, built on first use.
+
+    Keyed by id(); the entry keeps the RuleSet alive, so the id cannot be
+    reused while the entry exists (RuleSet has slots and no __weakref__).
+    """
+    hit = _COMPILED.get(id(rules))
+    if hit is not None and hit[0] is rules:
+        return hit[1]
+    targets = _compile(rules)
+    while len(_COMPILED) >= COMPILED_CACHE_SIZE:
+        del _COMPILED[next(iter(_COMPILED))]
+    _COMPILED[id(rules)] = (rules, targets)
+    return targets
+
+
+# --------------------------------------------------------------------------- errors
 
 
 def unknown_model_error(rules: RuleSet, name: str) -> ModelNotFound:
-    known = sorted(rules.model_index)
     virtual = sorted(rules.virtual_models)
+    if name.startswith(VIRTUAL_PREFIX):
+        return ModelNotFound(
+            f"The virtual model '{name}' does not exist in the proxy's rules. "
+            f"Virtual models: {', '.join(virtual) or 'none'}.",
+            param="model",
+        )
+    known = sorted(rules.model_index)
     return ModelNotFound(
         f"The model '{name}' does not exist in the proxy's rules. "
         f"Models: {', '.join(known) or 'none'}. Virtual models: {', '.join(virtual) or 'none'}.",
         param="model",
     )
+
+
+def _over_constrained(name: str, rejected: Sequence[Rejection]) -> InvalidRequest:
+    reasons = "; ".join(f"{r.deployment}: {r.reason}" for r in rejected)
+    context_only = all(r.reason.startswith(("no key", "context window")) for r in rejected) and any(
+        r.reason.startswith("context window") for r in rejected
+    )
+    return InvalidRequest(
+        f"no deployment of '{name}' can serve this request: {reasons}",
+        param="model",
+        code="context_length_exceeded" if context_only else "no_candidates",
+    )
+
+
+def format_usd(value: float) -> str:
+    """A price as people write it: ``$0.000075``, never ``$7.5e-05``."""
+    if value == math.inf:
+        return "$inf"
+    text = f"{value:.8f}".rstrip("0").rstrip(".")
+    return f"${text or '0'}"
+
+
+def _cost_violation(price_in: float, price_out: float, cap: CostCap) -> str:
+    over = []
+    if price_in > cap.input:
+        over.append(f"input {format_usd(price_in)}/1k over cap {format_usd(cap.input)}")
+    if price_out > cap.output:
+        over.append(f"output {format_usd(price_out)}/1k over cap {format_usd(cap.output)}")
+    return ", ".join(over)
+
+
+def _latency_violation(live: float | None, prior: float, cap: float) -> str:
+    if live is not None:
+        return f"p95 {live:.0f}ms over cap {cap:g}ms"
+    if prior == UNKNOWN_LATENCY:
+        return f"latency unknown (no prior, not measured), cap {cap:g}ms"
+    return f"prior latency {prior:g}ms over cap {cap:g}ms"
+
+
+# --------------------------------------------------------------------------- drops
+
+NO_KEY = "no key"
+CONTEXT = "context window"
+COST = "cost"
+LATENCY = "latency"
+
+
+@dataclass(frozen=True, slots=True)
+class _Drop:
+    """Deployments of one pool that one filter dropped, with what the reason text needs."""
+
+    kind: str
+    pool: _Pool
+    indices: tuple[int, ...]
+    limit: object = None  # prompt tokens, the CostCap or the latency cap
+    measured: tuple[float | None, ...] = ()  # live latency per provider of the pool
+
+    def rejections(self) -> Iterator[Rejection]:
+        pool = self.pool
+        for i in self.indices:
+            yield Rejection(pool.keys[i], self._reason(i))
+
+    def _reason(self, i: int) -> str:
+        pool, limit = self.pool, self.limit
+        if self.kind == NO_KEY:
+            return f"no key ({pool.cands[i].provider.api_key_env} unset)"
+        if self.kind == CONTEXT:
+            return f"context window {pool.windows[i]:.0f} < estimated prompt {limit} tokens"
+        if isinstance(limit, CostCap):
+            return _cost_violation(pool.ins[i], pool.outs[i], limit)
+        if isinstance(limit, float):
+            return _latency_violation(self.measured[pool.pidx[i]], pool.priors[i], limit)
+        return self.kind
+
+
+def _missing(idx: Sequence[int], keep: Sequence[int]) -> tuple[int, ...]:
+    kept = set(keep)
+    return tuple(i for i in idx if i not in kept)
+
+
+def _rejections(drops: Sequence[_Drop], planned: Sequence[Candidate]) -> tuple[Rejection, ...]:
+    """One Rejection per dropped deployment that is not in the plan after all (an exempt
+    fallback can bring back what a constraint dropped), with its first reason."""
+    in_plan = {c.deployment.key for c in planned}
+    out: dict[str, Rejection] = {}
+    for drop in drops:
+        for rejection in drop.rejections():
+            if rejection.deployment not in in_plan:
+                out.setdefault(rejection.deployment, rejection)
+    return tuple(out.values())
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def _normalised(values: Sequence[float], higher_is_better: bool) -> list[float]:
+    """Min-max to 0..1 over the finite values; all equal -> 1; non-finite -> 0."""
+    finite = [v for v in values if v < math.inf]
+    if not finite:
+        return [1.0] * len(values)
+    lo, hi = min(finite), max(finite)
+    span = hi - lo
+    if span <= 0:
+        return [1.0 if v < math.inf else 0.0 for v in values]
+    if higher_is_better:
+        return [(v - lo) / span for v in values]
+    return [(hi - v) / span if v < math.inf else 0.0 for v in values]
+
+
+def _unit_weights(weights: Weights) -> tuple[float, float, float, float]:
+    """The weights divided by their sum, so that a score is in 0..1."""
+    total = weights.quality + weights.cost + weights.latency + weights.reliability
+    if total <= 0:
+        return 0.0, 0.0, 0.0, 0.0
+    return (
+        weights.quality / total,
+        weights.cost / total,
+        weights.latency / total,
+        weights.reliability / total,
+    )
+
+
+def _static_terms(
+    quality: Sequence[float], prices: Sequence[float], wq: float, wc: float
+) -> tuple[float, ...]:
+    nq = _normalised(quality, True)
+    nc = _normalised(prices, False)
+    return tuple(wq * q + wc * c for q, c in zip(nq, nc, strict=True))
+
+
+def _add_terms(base: Sequence[float], weight: float, terms: Sequence[float]) -> list[float]:
+    return [b + weight * t for b, t in zip(base, terms, strict=True)]
+
+
+def balanced_scores(
+    quality: Sequence[float],
+    prices: Sequence[float],
+    latencies: Sequence[float],
+    success: Sequence[float],
+    weights: Weights,
+) -> list[float]:
+    """The ``balanced`` score of each candidate (see the module docstring), 0..1.
+
+    The router computes the same sums in the same order (cached in parts), so
+    its scores equal these exactly.
+    """
+    wq, wc, wl, wr = _unit_weights(weights)
+    scores = _add_terms(_static_terms(quality, prices, wq, wc), wl, _normalised(latencies, False))
+    return _add_terms(scores, wr, _normalised(success, True))
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class _Ordered:
+    """Some of a pool's candidates in a strategy's order."""
+
+    cands: tuple[Candidate, ...]
+    keys: tuple[str, ...]
+    reason: str  # why the first is first
+    scores: tuple[float, ...]  # balanced only, in order
+
+
+class _Planner:
+    """One request's planning: live facts memoised per provider, the task found lazily."""
+
+    __slots__ = ("live", "messages", "stats", "task", "task_source", "weights")
+
+    def __init__(
+        self,
+        live: LiveView,
+        prefs: RequestPrefs,
+        virtual: VirtualModel | None,
+        messages: Sequence[Mapping[str, object]],
+        weights: Weights,
+    ) -> None:
+        self.live = live
+        self.messages = messages
+        self.weights = weights
+        self.stats: dict[str, UpstreamStats] = {}
+        self.task: TaskType | None = prefs.task_type or (virtual.task_type if virtual else None)
+        self.task_source = (
+            "request" if prefs.task_type else "virtual model" if self.task is not None else ""
+        )
+
+    def needed_task(self, pool: _Pool) -> TaskType | None:
+        """The task type, detected if still unknown, unless ratings cannot differ (one model)."""
+        if self.task is None and pool.models > 1:
+            self.task = detect_task(self.messages)
+            self.task_source = "detected"
+        return self.task
+
+    def upstream(self, cand: Candidate) -> UpstreamStats:
+        name = cand.deployment.provider
+        stats = self.stats.get(name)
+        if stats is None:
+            live, dep = self.live, cand.deployment
+            if live.has_key(cand.provider):
+                ratio = live.success_ratio(dep)
+                if ratio is not None:
+                    # 0.1 % steps: under steady traffic the ratio moves with every call,
+                    # and a finer value would only defeat the order memo.
+                    ratio = round(ratio, SUCCESS_DECIMALS)
+                stats = UpstreamStats(True, live.is_blocked(dep), live.latency_ms(dep), ratio)
+            else:
+                stats = UpstreamStats(False, False)
+            self.stats[name] = stats
+        return stats
+
+    def eligible(
+        self,
+        pool: _Pool,
+        prompt_tokens: int,
+        cost_cap: CostCap | None,
+        latency_cap: float | None,
+        drops: list[_Drop],
+    ) -> Sequence[int]:
+        """Indices of the pool's deployments that can serve, in declaration order.
+
+        What a filter drops is recorded once per filter (a _Drop), and turned
+        into text only if someone reads ``RoutePlan.rejected``.
+        """
+        ups = [self.upstream(rep) for rep in pool.reps]
+        idx: Sequence[int] = pool.everything
+        if not all(u.available for u in ups):
+            usable = [u.available for u in ups]
+            pidx = pool.pidx
+            idx = [i for i in idx if usable[pidx[i]]]
+            drops.append(
+                _Drop(NO_KEY, pool, tuple(i for i in pool.everything if not usable[pidx[i]]))
+            )
+        elif cost_cap is None and latency_cap is None and prompt_tokens <= pool.min_window:
+            return idx
+        if prompt_tokens > pool.min_window:
+            windows = pool.windows
+            keep = [i for i in idx if windows[i] >= prompt_tokens]
+            if len(keep) < len(idx):
+                drops.append(_Drop(CONTEXT, pool, _missing(idx, keep), prompt_tokens))
+            idx = keep
+        if cost_cap is not None:
+            ins, outs, cap_in, cap_out = pool.ins, pool.outs, cost_cap.input, cost_cap.output
+            keep = [i for i in idx if ins[i] <= cap_in and outs[i] <= cap_out]
+            if len(keep) < len(idx):
+                drops.append(_Drop(COST, pool, _missing(idx, keep), cost_cap))
+            idx = keep
+        if latency_cap is not None:
+            lat = self.latencies(pool, idx)
+            keep = [i for i, ms in zip(idx, lat, strict=True) if ms <= latency_cap]
+            if len(keep) < len(idx):
+                measured = tuple(u.latency_ms for u in ups)
+                drops.append(_Drop(LATENCY, pool, _missing(idx, keep), latency_cap, measured))
+            idx = keep
+        return idx
+
+    def latencies(self, pool: _Pool, idx: Sequence[int]) -> Sequence[float]:
+        """Per candidate: its upstream's live p95, else its prior, else UNKNOWN_LATENCY."""
+        stats = self.stats
+        measured = [stats[p].latency_ms for p in pool.providers]
+        priors = pool.priors
+        if all(m is None for m in measured):
+            return priors if idx is pool.everything else [priors[i] for i in idx]
+        pidx = pool.pidx
+        both = [(measured[pidx[i]], priors[i]) for i in idx]
+        return [prior if live is None else live for live, prior in both]
+
+    def successes(self, pool: _Pool, idx: Sequence[int]) -> list[float | None]:
+        stats, pidx = self.stats, pool.pidx
+        ratios = [stats[p].success_ratio for p in pool.providers]
+        return [ratios[pidx[i]] for i in idx]
+
+    def balanced(self, pool: _Pool, idx: Sequence[int], task: TaskType | None) -> list[float]:
+        """``balanced_scores`` over ``idx``: the same sums in the same order, with the
+        terms that depend only on the rules cached in the pool."""
+        wq, wc, wl, wr = _unit_weights(self.weights)
+        full = idx is pool.everything
+        rating = pool.quality[task]
+        if full:
+            base = pool.static.get(task)
+            if base is None:
+                base = pool.static[task] = _static_terms(rating, pool.prices, wq, wc)
+        else:
+            base = _static_terms([rating[i] for i in idx], [pool.prices[i] for i in idx], wq, wc)
+        lat = self.latencies(pool, idx)
+        speed: Sequence[float]
+        if full and lat is pool.priors:  # nothing measured: the speed term is static too
+            cached = pool.static.get("speed")
+            if cached is None:
+                cached = pool.static["speed"] = tuple(_normalised(lat, False))
+            speed = cached
+        else:
+            speed = _normalised(lat, False)
+        # Success ratios are per upstream: normalise the few upstream values, then spread.
+        stats = self.stats
+        ratios = [stats[p].success_ratio for p in pool.providers]
+        present = ratios if full else [ratios[j] for j in {pool.pidx[i] for i in idx}]
+        known = [UNMEASURED_SUCCESS if r is None else r for r in present]
+        lo, hi = min(known), max(known)
+        if lo == hi:  # all equal: the term is 1 for everyone
+            return [b + wl * s + wr for b, s in zip(base, speed, strict=True)]
+        per_upstream = [((UNMEASURED_SUCCESS if r is None else r) - lo) / (hi - lo) for r in ratios]
+        pidx = pool.pidx
+        rel = [per_upstream[pidx[i]] for i in idx]
+        return [b + wl * s + wr * r for b, s, r in zip(base, speed, rel, strict=True)]
+
+    def ordered(self, strategy: str, pool: _Pool, idx: Sequence[int]) -> _Ordered:
+        """``order``, memoised on everything the order depends on: the strategy, the
+        task, each upstream's live latency and success ratio, and which deployments
+        survived the filters."""
+        needs_task = strategy == "balanced" or strategy == "task_specific"
+        task = self.needed_task(pool) if needs_task and len(idx) > 1 else self.task
+        stats = self.stats
+        key = (
+            strategy,
+            task,
+            tuple([stats[p].latency_ms for p in pool.providers]),
+            tuple([stats[p].success_ratio for p in pool.providers]),
+            None if idx is pool.everything else tuple(idx),
+        )
+        memo = pool.memo
+        hit = memo.get(key)
+        if hit is None:
+            if len(memo) >= ORDER_MEMO_SIZE:
+                memo.clear()  # live values moved on; the old orders are not coming back soon
+            hit = memo[key] = self.order(strategy, pool, idx, task)
+        return hit
+
+    def order(
+        self, strategy: str, pool: _Pool, idx: Sequence[int], task: TaskType | None
+    ) -> _Ordered:
+        """``idx`` ordered by the strategy, with the reason the first is first."""
+        n = len(idx)
+        if n <= 1:
+            cands = tuple([pool.cands[i] for i in idx])
+            keys = tuple([pool.keys[i] for i in idx])
+            return _Ordered(cands, keys, "only candidate" if n else "", ())
+        scores: tuple[float, ...] = ()
+        prices = pool.prices if idx is pool.everything else [pool.prices[i] for i in idx]
+        positions = list(range(n))
+        # Each order is a sequence of stable sorts, least significant key first, so
+        # declaration order (the order of idx) decides what is left tied.
+        if strategy == "balanced":
+            values = self.balanced(pool, idx, task)
+            positions.sort(key=values.__getitem__, reverse=True)  # reverse keeps stability
+            scores = itemgetter(*positions)(values)
+            reason = f"best score {scores[0]:.2f} of {n}"
+        elif strategy == "cost_optimized":
+            rating = pool.quality[task]
+            positions.sort(key=lambda k: -rating[idx[k]])
+            positions.sort(key=prices.__getitem__)
+            reason = f"cheapest of {n}"
+        elif strategy == "performance_first":
+            lat = self.latencies(pool, idx)
+            positions.sort(key=prices.__getitem__)
+            positions.sort(key=lat.__getitem__)
+            reason = self._fastest_reason(pool, idx[positions[0]], lat[positions[0]], n)
+        elif strategy == "reliability_first":
+            lat = self.latencies(pool, idx)
+            raw = self.successes(pool, idx)
+            ratio = [UNMEASURED_SUCCESS if r is None else r for r in raw]
+            positions.sort(key=lat.__getitem__)
+            positions.sort(key=lambda k: raw[k] is None)
+            positions.sort(key=ratio.__getitem__, reverse=True)
+            top = raw[positions[0]]
+            reason = (
+                f"most reliable {top * 100:.1f}% of {n}"
+                if top is not None
+                else f"most reliable (no data) of {n}"
+            )
+        else:  # task_specific
+            rating = pool.quality[task]
+            positions.sort(key=prices.__getitem__)
+            positions.sort(key=lambda k: rating[idx[k]], reverse=True)
+            if task is None:  # one model: ratings cannot differ, price decides
+                reason = f"cheapest of {n}"
+            else:
+                reason = f"best {task} quality {rating[idx[positions[0]]]:g}"
+        order = tuple([idx[k] for k in positions])
+        pick = itemgetter(*order)  # one C call per output tuple
+        return _Ordered(pick(pool.cands), pick(pool.keys), reason, scores)
+
+    def _fastest_reason(self, pool: _Pool, i: int, latency: float, n: int) -> str:
+        if latency == UNKNOWN_LATENCY:
+            return f"cheapest of {n}, no latency known"
+        measured = self.stats[pool.providers[pool.pidx[i]]].latency_ms is not None
+        return f"fastest {'p95' if measured else 'prior'} {_ms(latency)} of {n}"
+
+
+# --------------------------------------------------------------------------- plan_route
 
 
 def plan_route(
@@ -206,72 +891,226 @@ def plan_route(
     headers: Mapping[str, str],
     prefs: RequestPrefs,
     live: LiveView,
+    *,
+    messages: Sequence[Mapping[str, object]] = (),
+    prompt_tokens: int = 0,
 ) -> RoutePlan:
-    """Resolve a request's model into an ordered candidate list."""
-    route = rules.match_route(requested, headers)
+    """Resolve a request's model into an ordered candidate list (see the module docstring).
+
+    Raises ModelNotFound (404) for an unknown name and InvalidRequest (400) for
+    an unknown fallback or when the drops leave no candidate.
+    """
+    targets = _compiled(rules)
+    route = rules.match_route(requested, headers) if rules.routes else None
     name = requested
     route_fallbacks: tuple[str, ...] = ()
-    reason = ""
     if route is not None:
         if route.rewrite_model is not None:
             name = route.rewrite_model
-            reason = f"route rewrote {requested} to {name}"
         route_fallbacks = route.fallbacks
-    virtual = rules.virtual_models.get(name)
-    primary = _candidates_of(rules, name)
-    if not primary:
+    target = targets.get(name)
+    if target is None:
         raise unknown_model_error(rules, name)
+    virtual = target.virtual
+    pool = target.pool
     strategy: str = prefs.routing_strategy or (
         virtual.strategy if virtual is not None else rules.defaults.strategy
     )
-    task = prefs.task_type or (virtual.task_type if virtual is not None else None)
+    cost_cap = prefs.max_cost or (virtual.max_cost_per_1k_tokens if virtual else None)
+    latency_cap = prefs.max_latency_ms or (virtual.max_latency_ms if virtual else None)
+    rule_fallbacks = (
+        (virtual.fallback_models if virtual is not None else ())
+        + route_fallbacks
+        + rules.defaults.fallback_models
+    )
 
-    fallback_names: list[str] = list(prefs.fallback_models)
-    if virtual is not None:
-        fallback_names.extend(virtual.fallback_models)
-    fallback_names.extend(route_fallbacks)
-    fallback_names.extend(rules.defaults.fallback_models)
+    # The common case: one deployment, nothing to order, no constraint to check.
+    if (
+        len(pool.cands) == 1
+        and not prefs.fallback_models
+        and not rule_fallbacks
+        and cost_cap is None
+        and latency_cap is None
+        and prompt_tokens <= pool.min_window
+        and live.has_key(pool.cands[0].provider)
+    ):
+        return RoutePlan(
+            requested=requested,
+            resolved=name,
+            strategy=strategy,
+            candidates=pool.cands,
+            reason="as requested" if virtual is None else "only candidate",
+            task_type=prefs.task_type or (virtual.task_type if virtual else None),
+            task_source=(
+                "request"
+                if prefs.task_type
+                else "virtual model"
+                if virtual is not None and virtual.task_type
+                else ""
+            ),
+            blocked=pool.cands if live.is_blocked(pool.cands[0].deployment) else (),
+            primary_count=1,
+            prompt_tokens=prompt_tokens,
+        )
 
-    candidates: list[Candidate] = []
-    rejected: list[Rejection] = []
-    blocked: list[Candidate] = []
-    seen: set[str] = set()
+    planner = _Planner(live, prefs, virtual, messages, rules.defaults.weights)
+    drops: list[_Drop] = []
+    primary = planner.ordered(
+        strategy, pool, planner.eligible(pool, prompt_tokens, cost_cap, latency_cap, drops)
+    )
+    reason = primary.reason
+    if primary.cands and len(pool.cands) == 1 and virtual is None:
+        reason = "as requested"
+    candidates: Sequence[Candidate] = primary.cands
+    primary_count = len(candidates)
 
-    def consider(model: Model) -> None:
-        for dep in model.deployments:
-            if dep.key in seen:
-                continue
-            seen.add(dep.key)
-            provider = rules.providers[dep.provider]
-            cand = Candidate(dep, provider, dep.context_window or model.context_window)
-            if not live.has_key(provider):
-                rejected.append(Rejection(dep.key, f"no key ({provider.api_key_env} unset)"))
-                continue
-            # An open breaker does not remove the candidate: the forwarding loop skips it
-            # without I/O, so the plan's order stays honest about which one was the first
-            # choice (x-cb-fallback) and a half-open breaker can still get its probe.
-            if live.is_blocked(dep):
-                blocked.append(cand)
-            candidates.append(cand)
+    if prefs.fallback_models or rule_fallbacks:
+        candidates = list(candidates)
+        seen = set(primary.keys)
+        # The request's own fallbacks are exempt from the constraints (module docstring).
+        for group, binding in ((prefs.fallback_models, False), (rule_fallbacks, True)):
+            for fallback in group:
+                fb = targets.get(fallback)
+                if fb is None:
+                    raise InvalidRequest(
+                        f"fallback model '{fallback}' does not exist in the proxy's rules",
+                        param=_param("fallback_models"),
+                    )
+                fb_pool = fb.pool
+                fb_idx = planner.eligible(
+                    fb_pool,
+                    prompt_tokens,
+                    cost_cap if binding else None,
+                    latency_cap if binding else None,
+                    drops,
+                )
+                fresh: Sequence[int] = [i for i in fb_idx if fb_pool.keys[i] not in seen]
+                if not fresh:
+                    continue
+                if len(fresh) == len(fb_pool.cands):
+                    fresh = fb_pool.everything  # so that the ordering can be memoised
+                fb_strategy = fb.virtual.strategy if fb.virtual is not None else strategy
+                group_order = planner.ordered(fb_strategy, fb_pool, fresh)
+                candidates.extend(group_order.cands)
+                seen.update(group_order.keys)
+        if not primary_count and candidates:
+            reason = "no primary candidate left; fallback"
 
-    for model in primary:
-        consider(model)
-    for fallback in fallback_names:
-        models = _candidates_of(rules, fallback)
-        if not models:
-            raise InvalidRequest(
-                f"fallback model '{fallback}' does not exist in the proxy's rules",
-                param=_param("fallback_models"),
-            )
-        for model in models:
-            consider(model)
+    if not candidates and drops and not all(d.kind == NO_KEY for d in drops):
+        raise _over_constrained(name, _rejections(drops, ()))
+    stats = planner.stats
+    blocked: tuple[Candidate, ...] = ()
+    if any(s.blocked for s in stats.values()):
+        blocked = tuple(c for c in candidates if stats[c.deployment.provider].blocked)
+        if blocked and candidates[0] is blocked[0]:
+            reason += ", breaker open"
     return RoutePlan(
         requested=requested,
         resolved=name,
         strategy=strategy,
         candidates=tuple(candidates),
-        rejected=tuple(rejected),
-        reason=reason or ("as requested" if virtual is None else f"virtual model {name}"),
-        task_type=task,
-        blocked=tuple(blocked),
+        drops=tuple(drops),
+        reason=reason,
+        task_type=planner.task,
+        blocked=blocked,
+        task_source=planner.task_source,
+        primary_count=primary_count,
+        scores=primary.scores,
+        stats=stats,
+        prompt_tokens=prompt_tokens,
+        max_cost=cost_cap,
+        max_latency_ms=latency_cap,
     )
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateFacts:
+    """One candidate as the router saw it: for ``explain`` and the debug log."""
+
+    candidate: Candidate
+    role: str  # "primary" | "fallback"
+    price_per_1k: float
+    latency_ms: float | None
+    latency_source: str  # "p95" | "prior" | "unknown"
+    success_ratio: float | None  # None = not measured
+    quality: float | None  # for the plan's task type; the mean rating when none
+    score: float | None  # balanced only
+    blocked: bool
+
+
+def candidate_facts(plan: RoutePlan) -> list[CandidateFacts]:
+    """The facts behind each candidate's place, from the plan's own snapshot of live stats."""
+    facts = []
+    for k, cand in enumerate(plan.candidates):
+        dep = cand.deployment
+        stats = plan.stats.get(dep.provider)
+        measured = stats.latency_ms if stats is not None else None
+        if measured is not None:
+            latency, source = measured, "p95"
+        elif dep.latency_ms is not None:
+            latency, source = dep.latency_ms, "prior"
+        else:
+            latency, source = None, "unknown"
+        if plan.task_type is not None:
+            quality: float | None = cand.quality.get(plan.task_type, UNRATED_QUALITY)
+        elif cand.quality:
+            quality = sum(cand.quality.values()) / len(cand.quality)
+        else:
+            quality = None
+        facts.append(
+            CandidateFacts(
+                candidate=cand,
+                role="primary" if k < plan.primary_count else "fallback",
+                price_per_1k=dep.input_cost_per_1k + dep.output_cost_per_1k,
+                latency_ms=latency,
+                latency_source=source,
+                success_ratio=stats.success_ratio if stats is not None else None,
+                quality=quality,
+                score=plan.scores[k] if k < len(plan.scores) else None,
+                blocked=any(b is cand for b in plan.blocked),
+            )
+        )
+    return facts
+
+
+def plan_log_fields(plan: RoutePlan) -> dict[str, object]:
+    """The full plan as JSON-ready fields, for the debug log line of a request."""
+    cap = plan.max_cost
+    return {
+        "requested": plan.requested,
+        "resolved": plan.resolved,
+        "strategy": plan.strategy,
+        "task_type": plan.task_type,
+        "task_source": plan.task_source or None,
+        "chosen": plan.candidates[0].deployment.key if plan.candidates else None,
+        "reason": plan.reason,
+        "prompt_tokens": plan.prompt_tokens,
+        "max_cost_per_1k": None if cap is None else {"input": cap.input, "output": cap.output},
+        "max_latency_ms": plan.max_latency_ms,
+        "candidates": [
+            {
+                "deployment": f.candidate.deployment.key,
+                "role": f.role,
+                "price_per_1k": f.price_per_1k,
+                "latency_ms": f.latency_ms,
+                "latency_source": f.latency_source,
+                "success_ratio": f.success_ratio,
+                "quality": f.quality,
+                "score": f.score,
+                "blocked": f.blocked,
+            }
+            for f in candidate_facts(plan)
+        ],
+        "rejected": [{"deployment": r.deployment, "reason": r.reason} for r in plan.rejected],
+    }
+
+
+def log_plan(plan: RoutePlan, request_id: str) -> None:
+    """One structured debug line per request with the whole plan (LOG_LEVEL=debug)."""
+    if LOG.isEnabledFor(logging.DEBUG):
+        fields = plan_log_fields(plan)
+        fields["request_id"] = request_id
+        LOG.debug("route %s: %s", request_id, plan.header(), extra={"cb": fields})

@@ -195,6 +195,8 @@ class ProxyState:
         return p95 if p95 >= 0 else None
 
     def success_ratio(self, deployment: Deployment) -> float | None:
-        """Routing (LiveView): success share in the breaker window; None with no calls."""
-        ratio = self.breakers.get(deployment.provider).success_ratio()
-        return ratio if ratio >= 0 else None
+        """Routing (LiveView): success share in the breaker window; None until the window
+        holds ``min_throughput`` calls, the sample the breaker itself judges a rate on
+        (a single early failure must not reorder deployments)."""
+        rate = self.breakers.get(deployment.provider).error_rate()
+        return 1.0 - rate if rate >= 0 else None
