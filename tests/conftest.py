@@ -58,6 +58,7 @@ routes:
   - match: {{model: "team-*", headers: {{x-team: "research*"}}}}
     rewrite: {{model: backup-only}}
 defaults:
+  strategy: cost_optimized  # equal prices: the declared order (primary, then backup) holds
   retry: {{max_attempts: 4, same_deployment_retries: 1, backoff_ms: 1, max_backoff_ms: 2}}
 """
 
