@@ -28,6 +28,7 @@ from proxy.errors import (
 )
 from proxy.rules import RulesError, file_fingerprint, load_rules
 from proxy.state import REQUEST_INFO, ProxyState, RequestInfo
+from proxy.upstream_http import UpstreamPool
 
 LOG = logging.getLogger("cb_proxy")
 # Connection pool: a sidecar serves one app; 256 keep-alive connections per upstream host is ample.
@@ -120,7 +121,11 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),
     )
+    state.upstream = UpstreamPool()
     yield
+    await state.upstream.close()
+    state.upstream = None
+    state.watchdog.close()
     await state.session.close()
     state.session = None
 

@@ -16,8 +16,8 @@ outcome, and either answer the client or move on. Invariants:
 - When every candidate failed, the client gets the first candidate's error;
   when every candidate was rate-limited, a 429 with the smallest Retry-After.
 
-One deadline context is rescheduled per phase (first token, then idle gaps,
-capped by the total), so a request pays for one timer, not one per chunk.
+Deadlines are ``proxy.deadline`` guards moved forward per phase (first token,
+then idle gaps, capped by the total): an attribute write, not a timer per chunk.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.breaker import CircuitBreaker, Permit
+from proxy.deadline import Guard
 from proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -61,6 +62,14 @@ from proxy.ratelimit import gate_seconds
 from proxy.router import Candidate, RoutePlan
 from proxy.rules import RetryPolicy, RuleSet
 from proxy.state import ProxyState
+from proxy.upstream_http import (
+    ConnectFailed,
+    ConnectTimeout,
+    Disconnected,
+    PayloadError,
+    Response,
+    UpstreamPool,
+)
 
 LOG = logging.getLogger("cb_proxy.forward")
 
@@ -359,9 +368,9 @@ async def _attempt(
     ex: Exchange, cand: Candidate, index: int, breaker: CircuitBreaker, permit: Permit
 ) -> web.StreamResponse:
     state = ex.state
-    session = state.session
-    if session is None:
-        raise RuntimeError("client session not started")
+    pool = state.upstream
+    if pool is None:
+        raise RuntimeError("upstream client not started")
     adapter = state.adapters[cand.provider.type]
     try:
         req = adapter.build_request(
@@ -380,7 +389,7 @@ async def _attempt(
     ex.attempts += 1
     attempt = _Attempt(cand, index, breaker, permit, time.monotonic())
     try:
-        return await _send(ex, attempt, session, req, adapter)
+        return await _send(ex, attempt, pool, req, adapter)
     except AttemptFailed as failed:
         retry_after = failed.info.retry_after if failed.info else None
         attempt.finish(ex, failed.outcome, retry_after)
@@ -399,7 +408,7 @@ async def _attempt(
 async def _send(
     ex: Exchange,
     attempt: _Attempt,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     req: UpstreamRequest,
     adapter: RequestAdapter,
 ) -> web.StreamResponse:
@@ -410,18 +419,14 @@ async def _send(
     total_deadline = sent + timeouts.total
     phase = _Phase.CONNECT
     try:
-        async with asyncio.timeout_at(min(sent + timeouts.first_token, total_deadline)) as deadline:
-            async with session.request(
-                req.method,
-                req.url,
-                headers=req.headers,
-                data=req.body,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
-                allow_redirects=False,
-            ) as resp:
+        with ex.state.watchdog.guard(min(sent + timeouts.first_token, total_deadline)) as deadline:
+            resp = await pool.request(
+                req.method, req.url, req.headers, req.body, connect_timeout=timeouts.connect
+            )
+            async with resp:
                 phase = _Phase.FIRST_TOKEN
                 if resp.status >= 300:
-                    raw = await resp.content.read(ERROR_BODY_LIMIT)
+                    raw = await resp.read(limit=ERROR_BODY_LIMIT)
                     info = adapter.classify_error(resp.status, resp.headers, raw)
                     raise AttemptFailed(
                         _client_error(info), info.outcome, info, transient=info.transient
@@ -446,19 +451,19 @@ async def _send(
         raise AttemptFailed(
             UpstreamTimeout(f"upstream {cand.deployment.key} timed out {what}"), Outcome.FAILURE
         ) from None
-    except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
+    except ConnectTimeout as exc:
         raise AttemptFailed(
             UpstreamTimeout(f"upstream {cand.deployment.key} timed out connecting ({exc})"),
             Outcome.FAILURE,
         ) from None
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-        # Refused or reset before any reply: quick and transient, worth one retry.
+    except (ConnectFailed, Disconnected) as exc:
+        # Refused, reset or closed before any reply: quick and transient, worth one retry.
         raise AttemptFailed(
             UpstreamError(f"upstream {cand.deployment.key} unreachable: {exc}"),
             Outcome.FAILURE,
-            transient=phase == _Phase.CONNECT or isinstance(exc, aiohttp.ServerDisconnectedError),
+            transient=True,
         ) from None
-    except (aiohttp.ClientError, OSError) as exc:
+    except (PayloadError, OSError) as exc:
         raise AttemptFailed(
             UpstreamError(f"upstream {cand.deployment.key} failed: {type(exc).__name__}: {exc}"),
             Outcome.FAILURE,
@@ -582,8 +587,8 @@ async def _write(out: web.StreamResponse, data: bytes) -> None:
 async def _stream(
     ex: Exchange,
     attempt: _Attempt,
-    resp: aiohttp.ClientResponse,
-    deadline: asyncio.Timeout,
+    resp: Response,
+    deadline: Guard,
     total_deadline: float,
 ) -> web.StreamResponse:
     cand = attempt.cand
@@ -601,10 +606,9 @@ async def _stream(
     # Phase 1: hold everything until the first content event; failures here fail over.
     # The caller's deadline (first token) applies; its TimeoutError is handled there.
     pending = b""
-    content = resp.content
     try:
         while not relay.has_content:
-            chunk = await content.readany()
+            chunk = await resp.read_chunk()
             if not chunk:
                 pending += relay.finish()
                 break
@@ -613,7 +617,7 @@ async def _stream(
         raise AttemptFailed(
             _client_error(exc.info), exc.info.outcome, exc.info, transient=exc.info.transient
         ) from None
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+    except PayloadError as exc:
         raise AttemptFailed(
             UpstreamError(f"upstream {cand.deployment.key} dropped the stream before content"),
             Outcome.FAILURE,
@@ -630,7 +634,7 @@ async def _stream(
             await out.prepare(ex.request)
         except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone(str(exc)) from exc
-        outcome = await _relay_rest(ex, attempt, relay, content, out, pending, total_deadline)
+        outcome = await _relay_rest(ex, attempt, relay, resp, out, pending, total_deadline)
     except ClientGone:
         LOG.info("request %s: the client went away mid-stream", ex.request_id)
         outcome = Outcome.IGNORED
@@ -643,7 +647,7 @@ async def _relay_rest(
     ex: Exchange,
     attempt: _Attempt,
     relay: _Relay,
-    content: aiohttp.StreamReader,
+    resp: Response,
     out: web.StreamResponse,
     pending: bytes,
     total_deadline: float,
@@ -657,9 +661,9 @@ async def _relay_rest(
     failure: JSONDict | None = None
     try:
         # One timer for the rest of the stream, pushed forward at every chunk (idle gap).
-        async with asyncio.timeout_at(min(loop.time() + idle, total_deadline)) as gap:
+        with ex.state.watchdog.guard(min(loop.time() + idle, total_deadline)) as gap:
             while True:
-                chunk = await content.readany()
+                chunk = await resp.read_chunk()
                 if not chunk:
                     tail = relay.finish()
                     if tail:
@@ -677,7 +681,7 @@ async def _relay_rest(
             if loop.time() < total_deadline
             else f"upstream {cand.deployment.key} exceeded the total deadline"
         ).to_dict()
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+    except PayloadError as exc:
         failure = UpstreamError(
             f"upstream {cand.deployment.key} dropped the stream ({type(exc).__name__})"
         ).to_dict()

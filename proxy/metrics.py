@@ -6,17 +6,30 @@ come only from small fixed sets (upstream and model names from the rules,
 outcome, code class, reason): never from free text, so cardinality is bounded
 by the rules file.
 
-Hot path: children for a label set are bound once and cached in a dict, so a
-request pays a dict lookup, not prometheus_client's label resolution.
+Hot path: the per-request counters and histograms are ``LeanCounter`` and
+``LeanHistogram``: plain attribute updates without prometheus_client's lock
+and checks (the proxy runs on one event loop thread, so nothing races), read
+by a collector at scrape time. Their exposition is the standard one (`_total`,
+`_bucket`/`_sum`/`_count`). Children for a label set are bound once and cached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _float_to_go
+
+# prometheus_client's formatter for bucket bounds ("0.005", "1.0", "+Inf"), typed.
+_go_float: Callable[[float], str] = _float_to_go
 
 # Buckets in seconds: LLM calls range from tens of ms (embeddings) to minutes (long streams).
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -81,6 +94,110 @@ class _BreakerCollector(Collector):
         return []
 
 
+class CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are upper-inclusive (le): bisect_left finds the first bound >= value.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _LeanFamily(Collector):
+    """A labelled metric family whose children are plain objects, exported at scrape time."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], CounterChild | HistogramChild] = {}
+        registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+
+class LeanCounter(_LeanFamily):
+    def labels(self, *values: str) -> CounterChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self._children[values] = CounterChild()
+        return child  # type: ignore[return-value]
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)  # type: ignore[union-attr]
+        return [family]
+
+
+class LeanHistogram(_LeanFamily):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float],
+    ) -> None:
+        self.bounds = tuple(float(b) for b in buckets)
+        super().__init__(name, documentation, labelnames, registry)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self._children[values] = HistogramChild(self.bounds)
+        return child  # type: ignore[return-value]
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        edges = [*(_go_float(b) for b in self.bounds), "+Inf"]
+        for values, child in self._children.items():
+            counts = child.counts  # type: ignore[union-attr]
+            cumulative, running = [], 0
+            for edge, count in zip(edges, counts, strict=True):
+                running += count
+                cumulative.append((edge, float(running)))
+            family.add_metric(list(values), cumulative, child.sum)  # type: ignore[union-attr]
+        return [family]
+
+
 class Metrics:
     """All metric objects; one instance per app, on its own registry."""
 
@@ -90,48 +207,49 @@ class Metrics:
         self._breaker_view: BreakerView | None = None
         r.register(_BreakerCollector(lambda: self._breaker_view))
 
-        self.requests = Counter(
+        self.requests = LeanCounter(
             "cb_proxy_requests_total",
             "Client requests by endpoint, requested model (from the rules) and status class.",
             ["endpoint", "model", "code_class"],
-            registry=r,
+            r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = LeanHistogram(
             "cb_proxy_request_duration_seconds",
             "Client request duration, until the last byte was sent.",
             ["endpoint", "stream"],
-            buckets=REQUEST_BUCKETS,
-            registry=r,
+            r,
+            REQUEST_BUCKETS,
         )
         self.in_flight = Gauge(
             "cb_proxy_in_flight_requests", "Client requests being served.", registry=r
         )
-        self.upstream_calls = Counter(
+        self.upstream_calls = LeanCounter(
             "cb_proxy_upstream_calls_total",
             "Upstream attempts by outcome (success, failure, rate_limited, ignored).",
             ["upstream", "provider", "model", "outcome"],
-            registry=r,
+            r,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LeanHistogram(
             "cb_proxy_upstream_duration_seconds",
             "Upstream attempt duration, until its last byte.",
             ["upstream"],
-            buckets=REQUEST_BUCKETS,
-            registry=r,
+            r,
+            REQUEST_BUCKETS,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = LeanHistogram(
             "cb_proxy_time_to_first_token_seconds",
             "Time from sending upstream to the response headers (plain) "
             "or the first content event (stream).",
             ["upstream"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
+            r,
+            TTFT_BUCKETS,
         )
-        self.overhead = Histogram(
+        self.overhead = LeanHistogram(
             "cb_proxy_overhead_seconds",
             "The proxy's own time per request: total minus time spent waiting on upstreams.",
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+            (),
+            r,
+            OVERHEAD_BUCKETS,
         )
         self.transitions = Counter(
             "circuit_breaker_transitions_total",
@@ -139,36 +257,36 @@ class Metrics:
             ["upstream", "from_state", "to_state"],
             registry=r,
         )
-        self.fallbacks = Counter(
+        self.fallbacks = LeanCounter(
             "cb_proxy_fallbacks_total",
             "Requests served by a candidate other than the first: "
             "which upstream stood in for which.",
             ["primary", "served_by"],
-            registry=r,
+            r,
         )
-        self.retries = Counter(
+        self.retries = LeanCounter(
             "cb_proxy_retries_total",
             "Retries on the same deployment.",
             ["upstream"],
-            registry=r,
+            r,
         )
-        self.rejections = Counter(
+        self.rejections = LeanCounter(
             "cb_proxy_rejections_total",
             "Candidates skipped without upstream I/O, by reason (breaker_open, rate_limited, ...).",
             ["upstream", "reason"],
-            registry=r,
+            r,
         )
-        self.tokens = Counter(
+        self.tokens = LeanCounter(
             "cb_proxy_tokens_total",
             "Tokens accounted, by provider, model and kind (prompt, completion).",
             ["provider", "model", "kind"],
-            registry=r,
+            r,
         )
-        self.cost = Counter(
+        self.cost = LeanCounter(
             "cb_proxy_cost_usd_total",
             "Cost in USD from the rules' price table.",
             ["provider", "model"],
-            registry=r,
+            r,
         )
         self.health_checks = Counter(
             "cb_proxy_health_checks_total",

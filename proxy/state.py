@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
+from proxy.deadline import Watchdog
 from proxy.metrics import Metrics
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.base import ProviderAdapter, RequestAdapter, Usage
@@ -27,6 +28,7 @@ from proxy.providers.openai import OpenAIAdapter
 from proxy.ratelimit import RateLimitGate
 from proxy.rules import Deployment, Provider, RuleSet
 from proxy.settings import Settings
+from proxy.upstream_http import UpstreamPool
 from proxy.usage import UsageTotals
 
 LOG = logging.getLogger("cb_proxy")
@@ -59,7 +61,8 @@ class ProxyState:
     rules: RuleSet
     metrics: Metrics
     keys: dict[str, str | None] = field(default_factory=dict)
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # health checks and other cold paths
+    upstream: UpstreamPool | None = None  # the hot path's lean HTTP/1.1 client
     usage: UsageTotals = field(default_factory=UsageTotals)
     adapters: dict[str, RequestAdapter] = field(default_factory=dict)
     translators: dict[str, ProviderAdapter] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class ProxyState:
     gates: RateLimitGate = field(default_factory=RateLimitGate)
     breaker_defaults: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     rng: random.Random = field(default_factory=random.Random)
+    watchdog: Watchdog = field(default_factory=Watchdog)
     # Each rules reload attempt (True = swapped in), and a condition to wait on them.
     reload_results: list[bool] = field(default_factory=list)
     reloads: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -93,6 +97,7 @@ class ProxyState:
         )
         self._create_breakers()
         self.metrics.bind_breakers(self.breakers)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
 
     def _create_breakers(self) -> None:
         # Every upstream gets its breaker (and its gauges) at load, not at first use,
