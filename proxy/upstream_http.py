@@ -239,51 +239,59 @@ class Response:
         return self._decode_chunked(buf)
 
     def _decode_chunked(self, buf: bytearray) -> bytes:
-        out: list[bytes] = []
+        """Decode whatever whole pieces of chunked body the buffer holds.
+
+        Scans with an index and trims the buffer once at the end: an LLM stream
+        is many small chunks, and shifting the buffer per chunk would copy it
+        over and over.
+        """
+        out: list[bytearray] = []
+        pos = 0
+        size_buf = len(buf)
+        left = self._chunk_left  # bytes of the current chunk still due, its CRLF included
         while True:
-            if self._chunk_left > 0:
-                if not buf:
+            if left > 2:  # inside a chunk's data
+                take = min(left - 2, size_buf - pos)
+                if take <= 0:
                     break
-                data_left = self._chunk_left - 2  # the chunk's data, then its CRLF
-                if data_left > 0:
-                    data = self._conn.take(min(data_left, len(buf)))
-                    out.append(data)
-                    self._chunk_left -= len(data)
-                    continue
-                if len(buf) < self._chunk_left:
+                out.append(buf[pos : pos + take])
+                pos += take
+                left -= take
+                if left > 2:
+                    break  # the rest of this chunk has not arrived yet
+            if left:  # the CRLF that ends a chunk's data
+                if size_buf - pos < left:
                     break
-                if buf[: self._chunk_left] != CRLF[2 - self._chunk_left :]:
+                if buf[pos : pos + left] != CRLF[2 - left :]:
                     self.close()
                     raise PayloadError("malformed chunked body (missing CRLF after a chunk)")
-                del buf[: self._chunk_left]
-                self._chunk_left = 0
-                continue
-            line_end = buf.find(CRLF)
+                pos += left
+                left = 0
+            line_end = buf.find(CRLF, pos)
             if line_end < 0:
-                if len(buf) > MAX_HEADER_BYTES:
+                if size_buf - pos > MAX_HEADER_BYTES:
                     self.close()
                     raise PayloadError("malformed chunked body (chunk size line too long)")
                 break
-            size_text = bytes(buf[:line_end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
+            size = _chunk_size(buf[pos:line_end])
+            if size is None:
                 self.close()
-                raise PayloadError(f"malformed chunk size {size_text[:20]!r}") from None
+                raise PayloadError(f"malformed chunk size {bytes(buf[pos:line_end])[:20]!r}")
             if size == 0:
                 # The last chunk; then optional trailers, ending with an empty line.
                 end = buf.find(HEAD_END, line_end)
-                if end == line_end:  # "0\r\n\r\n": no trailers
-                    del buf[: line_end + 4]
-                elif end >= 0:
-                    del buf[: end + 4]
-                else:
+                if end < 0:
                     break
+                pos = end + 4
                 self._done = True
-                self._finish()
                 break
-            del buf[: line_end + 2]
-            self._chunk_left = size + 2
+            pos = line_end + 2
+            left = size + 2
+        self._chunk_left = left
+        if pos:
+            del buf[:pos]
+        if self._done:
+            self._finish()
         return b"".join(out)
 
     def _finish(self) -> None:
@@ -304,6 +312,19 @@ class Response:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _chunk_size(line: bytearray) -> int | None:
+    """A chunk-size line's value (RFC 9112 7.1), chunk extensions ignored; None if malformed."""
+    try:
+        size = int(line, 16)
+    except ValueError:
+        text = bytes(line).split(b";", 1)[0].strip()
+        try:
+            size = int(text, 16)
+        except ValueError:
+            return None
+    return size if size >= 0 else None
 
 
 def _parse_head(head: bytes) -> tuple[int, CIMultiDictProxy[str], int | None, bool]:

@@ -44,6 +44,14 @@ USAGE_MARK_SPACED = b'"usage": {'
 ERROR_MARK = b'"error"'
 FINISH_MARK = b'"finish_reason":"'
 FINISH_MARK_SPACED = b'"finish_reason": "'
+AFTER_COMMIT_MARKS = (
+    USAGE_MARK,
+    USAGE_MARK_SPACED,
+    ERROR_MARK,
+    DONE_EVENT,
+    FINISH_MARK,
+    FINISH_MARK_SPACED,
+)
 
 
 def _headers(provider: Provider, api_key: str | None) -> dict[str, str]:
@@ -213,9 +221,17 @@ class OpenAIStreamRelay:
 
     def _before_commit(self, complete: bytes) -> bytes:
         out: list[bytes] = []
-        for event in complete.split(EVENT_SEP):
+        events = complete.split(EVENT_SEP)
+        for i, event in enumerate(events):
             if not event:
                 continue
+            if self.has_content:
+                # Committed within this batch: the rest takes the cheap path.
+                rest = EVENT_SEP.join(events[i:])
+                out.append(
+                    self._after_commit(rest if rest.endswith(EVENT_SEP) else rest + EVENT_SEP)
+                )
+                break
             frame = event + EVENT_SEP
             if event.startswith(DONE_EVENT):
                 self.finished = True
@@ -238,38 +254,44 @@ class OpenAIStreamRelay:
         return b"".join(held + out)
 
     def _after_commit(self, complete: bytes) -> bytes:
-        interesting = (
-            USAGE_MARK in complete
-            or USAGE_MARK_SPACED in complete
-            or ERROR_MARK in complete
-            or DONE_EVENT in complete
-            or FINISH_MARK in complete
-            or FINISH_MARK_SPACED in complete
-        )
-        if not interesting:
+        """Pass whole events through; look only inside the few that carry a marker.
+
+        Markers are found with ``bytes.find`` over the whole batch, so a batch of
+        plain content deltas costs a handful of C-level scans and no parsing.
+        """
+        spans: list[tuple[int, int]] = []
+        for mark in AFTER_COMMIT_MARKS:
+            at = complete.find(mark)
+            while at >= 0:
+                start = complete.rfind(EVENT_SEP, 0, at)
+                start = 0 if start < 0 else start + 2
+                end = complete.find(EVENT_SEP, at) + 2  # complete ends with EVENT_SEP
+                spans.append((start, end))
+                at = complete.find(mark, end)
+        if not spans:
             return complete
+        spans = sorted(set(spans))
         out: list[bytes] = []
-        for event in complete.split(EVENT_SEP):
-            if not event:
+        pos = 0
+        for start, end in spans:
+            if start < pos:
                 continue
+            out.append(complete[pos:start])
+            pos = end
+            event = complete[start : end - 2]
             if event.startswith(DONE_EVENT):
                 self.finished = True
-                out.append(event + EVENT_SEP)
+                out.append(complete[start:end])
                 continue
-            if (
-                ERROR_MARK in event
-                or USAGE_MARK in event
-                or USAGE_MARK_SPACED in event
-                or (FINISH_MARK in event or FINISH_MARK_SPACED in event)
-            ):
-                obj = _event_json(event)
-                if isinstance(obj, dict):
-                    if "error" in obj and "choices" not in obj:
-                        raise _stream_error(obj)
-                    self._note(obj)
-                    if self.strip_usage and obj.get("choices") == [] and "usage" in obj:
-                        continue
-            out.append(event + EVENT_SEP)
+            obj = _event_json(event)
+            if isinstance(obj, dict):
+                if "error" in obj and "choices" not in obj:
+                    raise _stream_error(obj)
+                self._note(obj)
+                if self.strip_usage and obj.get("choices") == [] and "usage" in obj:
+                    continue
+            out.append(complete[start:end])
+        out.append(complete[pos:])
         return b"".join(out)
 
     def _note(self, obj: Mapping[str, Any]) -> None:
