@@ -57,6 +57,7 @@ test: install tools lint typecheck unit check-deploy
 
 bench: install tools
 	$(PY) -m bench.run
+	$(PY) -m bench.sse_writer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
