@@ -70,6 +70,7 @@ from proxy.upstream_http import (
     Response,
     UpstreamPool,
 )
+from proxy.usage import estimate_tokens
 
 LOG = logging.getLogger("cb_proxy.forward")
 
@@ -78,6 +79,9 @@ READ_CHUNK = 64 * 1024
 # Upstream response headers worth relaying: clients read rate-limit and timing headers.
 RELAYED_PREFIXES = ("x-ratelimit-", "openai-processing-ms", "openai-version")
 RETRY_BUDGET_FLOOR = 3
+# An OpenAI stream chunk carries ~150 bytes of JSON around a few characters of text;
+# used only to estimate tokens when an upstream streams without reporting usage.
+OPENAI_CHUNK_OVERHEAD_RATIO = 30
 DEFAULT_RETRY_AFTER = 1.0
 FORCED_OPEN_RETRY_AFTER = 60.0
 SSE_HEADERS = {
@@ -110,6 +114,7 @@ class Exchange:
     include_usage: bool = False
     attempts: int = 0
     upstream_seconds: float = 0.0
+    usage_estimated: bool = False
     response_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
 
@@ -197,7 +202,7 @@ def _base_headers(ex: Exchange, attempt: _Attempt) -> dict[str, str]:
     }
 
 
-def _metadata(ex: Exchange, attempt: _Attempt, cost: float | None) -> JSONDict:
+def _metadata(ex: Exchange, attempt: _Attempt, cost: float) -> JSONDict:
     cand = attempt.cand
     return {
         "provider": cand.provider.name,
@@ -207,6 +212,7 @@ def _metadata(ex: Exchange, attempt: _Attempt, cost: float | None) -> JSONDict:
         "attempts": ex.attempts,
         "breaker_state": attempt.breaker.state.value,
         "cost_usd": cost,
+        "usage_estimated": ex.usage_estimated,
         "route": ex.plan.header(),
     }
 
@@ -506,11 +512,13 @@ def _plain_response(
     obj: JSONDict,
 ) -> web.Response:
     cand = attempt.cand
-    cost = _account(ex, cand, parse_usage(obj))
+    usage = parse_usage(obj)
+    cost = _account(ex, cand, usage, 0 if usage is not None else _reply_chars(obj))
     headers = _base_headers(ex, attempt)
     headers.update(_relayed(upstream_headers))
-    if cost is not None:
-        headers["x-cb-cost-usd"] = f"{cost:.8f}"
+    headers["x-cb-cost-usd"] = f"{cost:.8f}"
+    if ex.usage_estimated:
+        headers["x-cb-usage-estimated"] = "true"
     if ex.rules.defaults.response_metadata:
         obj["circuit_breaker"] = _metadata(ex, attempt, cost)
         body = orjson.dumps(obj)
@@ -519,10 +527,29 @@ def _plain_response(
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
-def _account(ex: Exchange, cand: Candidate, usage: Usage | None) -> float | None:
-    if usage is None:
-        return None
-    return ex.state.account(cand.deployment, usage)
+def _account(
+    ex: Exchange, cand: Candidate, usage: Usage | None, completion_chars: int = 0
+) -> float:
+    """Account the request's tokens and cost; estimate them when the upstream reported none."""
+    if usage is not None:
+        return ex.state.account(cand.deployment, usage)
+    ex.usage_estimated = True
+    estimate = Usage(ex.plan.prompt_tokens, estimate_tokens(completion_chars))
+    return ex.state.account(cand.deployment, estimate, estimated=True)
+
+
+def _reply_chars(obj: JSONDict) -> int:
+    """Characters of generated text in a reply, for a token estimate when usage is missing."""
+    total = 0
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else choice.get("text")
+        if isinstance(text, str):
+            total += len(text)
+    return total
 
 
 def _error_frame(error: JSONDict) -> bytes:
@@ -569,6 +596,13 @@ class _Relay:
         return self._translator is not None and (
             self._translator.has_content or self._translator.finished
         )
+
+    @property
+    def content_chars(self) -> int:
+        """Bytes relayed after the commit point: a rough size of the generated text."""
+        if self._relay is not None:
+            return self._relay.relayed_bytes // OPENAI_CHUNK_OVERHEAD_RATIO
+        return 0
 
     @property
     def usage(self) -> Usage | None:
@@ -639,7 +673,7 @@ async def _stream(
         LOG.info("request %s: the client went away mid-stream", ex.request_id)
         outcome = Outcome.IGNORED
     attempt.finish(ex, outcome)
-    _account(ex, cand, relay.usage)
+    _account(ex, cand, relay.usage, relay.content_chars)
     return out
 
 

@@ -166,9 +166,9 @@ class ProxyState:
         if upstream is not None:
             self.metrics.overhead.observe(max(0.0, seconds - upstream))
 
-    def account(self, deployment: Deployment, usage: Usage) -> float:
+    def account(self, deployment: Deployment, usage: Usage, *, estimated: bool = False) -> float:
         """Add one request's tokens and cost to the totals and the metrics; return the cost."""
-        cost = self.usage.add(deployment, usage)
+        cost = self.usage.add(deployment, usage, estimated=estimated)
         key = (deployment.provider, deployment.model)
         children = self._usage_children.get(key)
         if children is None:

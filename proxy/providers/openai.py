@@ -193,7 +193,16 @@ class OpenAIStreamRelay:
     usage-only chunk the proxy asked for on the client's behalf.
     """
 
-    __slots__ = ("_held", "_tail", "finished", "has_content", "saw_finish", "strip_usage", "usage")
+    __slots__ = (
+        "_held",
+        "_tail",
+        "finished",
+        "has_content",
+        "relayed_bytes",
+        "saw_finish",
+        "strip_usage",
+        "usage",
+    )
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
@@ -203,6 +212,7 @@ class OpenAIStreamRelay:
         self.usage: Usage | None = None
         self._held: list[bytes] = []
         self._tail = b""
+        self.relayed_bytes = 0  # after the commit point; sizes a token estimate
 
     def feed(self, data: bytes) -> bytes:
         if b"\r" in data:
@@ -217,6 +227,7 @@ class OpenAIStreamRelay:
         complete, self._tail = buf[: cut + 2], buf[cut + 2 :]
         if not self.has_content:
             return self._before_commit(complete)
+        self.relayed_bytes += len(complete)
         return self._after_commit(complete)
 
     def _before_commit(self, complete: bytes) -> bytes:
