@@ -59,9 +59,12 @@ class Guard:
         self._dog.discard(self)
         if (
             self._expired
-            and exc_type is asyncio.CancelledError
             and self._task is not None
+            # Take our cancel request back however the body ended, as asyncio.timeout does:
+            # left behind, it keeps the task "cancelling" and turns its next deadline into
+            # a CancelledError. So uncancel() comes before the exception type test.
             and self._task.uncancel() == 0
+            and exc_type is asyncio.CancelledError
         ):
             raise TimeoutError from exc
 

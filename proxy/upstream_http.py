@@ -43,6 +43,7 @@ KEEPALIVE_SECONDS = 30.0  # under the 60-75 s idle timeouts of common servers an
 HIGH_WATER = 1 << 20  # pause reading an upstream whose data the client is not taking
 LOW_WATER = 1 << 16
 HEAD_END = b"\r\n\r\n"
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 CRLF = b"\r\n"
 NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -210,14 +211,20 @@ class Response:
             if self._done:
                 break
             if conn.eof:
-                if self._left is None:  # framed by the connection's end: this is the end
+                # Framed by the connection's end: a clean close ends the body, a reset
+                # leaves it incomplete (RFC 9112 section 8).
+                if self._left is None and conn.error is None:
                     self._done = True
                     self._keep = False
                     self._finish()
                     break
                 self.close()
                 raise PayloadError("the upstream closed the connection in the middle of the body")
-            await conn.wait_data()
+            try:
+                await conn.wait_data()
+            except BaseException:  # cancelled (a deadline, a client gone): the rest is lost
+                self.close()
+                raise
         return b""
 
     def _decode(self) -> bytes:
@@ -281,6 +288,9 @@ class Response:
                 # The last chunk; then optional trailers, ending with an empty line.
                 end = buf.find(HEAD_END, line_end)
                 if end < 0:
+                    if size_buf - line_end > MAX_HEADER_BYTES:
+                        self.close()
+                        raise PayloadError("malformed chunked body (trailers too large)")
                     break
                 pos = end + 4
                 self._done = True
@@ -316,15 +326,12 @@ class Response:
 
 def _chunk_size(line: bytearray) -> int | None:
     """A chunk-size line's value (RFC 9112 7.1), chunk extensions ignored; None if malformed."""
-    try:
-        size = int(line, 16)
-    except ValueError:
-        text = bytes(line).split(b";", 1)[0].strip()
-        try:
-            size = int(text, 16)
-        except ValueError:
-            return None
-    return size if size >= 0 else None
+    end = line.find(b";")
+    text = line if end < 0 else line[:end].rstrip(b" \t")
+    # chunk-size = 1*HEXDIG; int(x, 16) alone would also take "+5", "0x5", "5_0", " 5".
+    if not text or text.translate(None, HEX_DIGITS):
+        return None
+    return int(text, 16)
 
 
 def _parse_head(head: bytes) -> tuple[int, CIMultiDictProxy[str], int | None, bool]:
@@ -354,12 +361,10 @@ def _parse_head(head: bytes) -> tuple[int, CIMultiDictProxy[str], int | None, bo
     elif "chunked" in headers.get("transfer-encoding", "").lower():
         framing = -1
     elif "content-length" in headers:
-        try:
-            framing = int(headers["content-length"])
-        except ValueError:
-            raise Disconnected("bad Content-Length in the upstream response") from None
-        if framing < 0:
-            raise Disconnected("negative Content-Length in the upstream response")
+        length = headers["content-length"]
+        if not (length.isascii() and length.isdigit()):  # 1*DIGIT (RFC 9110 8.6): no sign, no _
+            raise Disconnected("bad Content-Length in the upstream response")
+        framing = int(length)
     else:
         framing = None
     return status, CIMultiDictProxy(headers), framing, keep_alive
@@ -404,7 +409,9 @@ class UpstreamPool:
         horizon = time.monotonic() - self._keepalive
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be stale
-            if conn.alive and conn.idle_since > horizon:
+            # Bytes on an idle connection answer no request of ours (e.g. a 408 sent just
+            # before the server closes it): they must not pass for the next reply.
+            if conn.alive and not conn.buffer and conn.idle_since > horizon:
                 return conn
             conn.close()
         return None
@@ -445,16 +452,18 @@ class UpstreamPool:
         conn = self._take_idle(origin)
         if conn is not None:
             try:
-                return await self._exchange(conn, head, body)
+                return await self._exchange(conn, head, body, method == "HEAD")
             except Disconnected:
                 if conn.got_bytes:
                     raise
                 # The keep-alive race: the server closed the idle connection before it read
                 # the request, so nothing was processed. Once more, on a fresh connection.
         conn = await self._connect(origin, connect_timeout)
-        return await self._exchange(conn, head, body)
+        return await self._exchange(conn, head, body, method == "HEAD")
 
-    async def _exchange(self, conn: _Connection, head: bytes, body: bytes | None) -> Response:
+    async def _exchange(
+        self, conn: _Connection, head: bytes, body: bytes | None, head_only: bool = False
+    ) -> Response:
         transport = conn.transport
         if transport is None:
             raise Disconnected("the connection closed before the request was sent")
@@ -486,6 +495,8 @@ class UpstreamPool:
         except BaseException:
             conn.close()
             raise
+        if head_only:
+            framing = 0  # RFC 9110 9.3.2: a reply to HEAD has no body, whatever it says
         return Response(self, conn, status, resp_headers, framing, keep_alive)
 
     async def close(self) -> None:
