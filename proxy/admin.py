@@ -17,7 +17,7 @@ import hmac
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -30,6 +30,7 @@ from proxy.health import checker_of
 from proxy.state import ProxyState
 
 LOG = logging.getLogger("cb_proxy.admin")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATE_KEY_NAME = "state"
 BREAKER_API = "/api/circuit-breaker"
 # States in which a breaker turns every call away (forced-open outranks monitor-only too).
@@ -222,15 +223,23 @@ async def reset_all_breakers(request: web.Request) -> web.Response:
     )
 
 
-def add_routes(app: web.Application, *, api_port: bool) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/api/usage", usage)
-    app.router.add_get(f"{BREAKER_API}/metrics", breaker_metrics)
-    app.router.add_get(f"{BREAKER_API}/status", breaker_status)
-    app.router.add_get(f"{BREAKER_API}/health", breaker_health)
-    app.router.add_post(f"{BREAKER_API}/reset-all", reset_all_breakers)
+def add_routes(
+    app: web.Application,
+    *,
+    api_port: bool,
+    wrap: Callable[[Handler, str | None], Handler] = lambda handler, _endpoint: handler,
+) -> None:
+    def add(method: str, path: str, handler: Handler) -> None:
+        app.router.add_route(method, path, wrap(handler, None))
+
+    add("GET", "/healthz", healthz)
+    add("GET", "/readyz", readyz)
+    add("GET", "/api/usage", usage)
+    add("GET", f"{BREAKER_API}/metrics", breaker_metrics)
+    add("GET", f"{BREAKER_API}/status", breaker_status)
+    add("GET", f"{BREAKER_API}/health", breaker_health)
+    add("POST", f"{BREAKER_API}/reset-all", reset_all_breakers)
     actions = "|".join(MUTATIONS)
-    app.router.add_post(f"{BREAKER_API}/{{action:{actions}}}/{{name}}", mutate_breaker)
+    add("POST", f"{BREAKER_API}/{{action:{actions}}}/{{name}}", mutate_breaker)
     if not api_port:
-        app.router.add_get("/metrics", metrics)
+        add("GET", "/metrics", metrics)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -24,6 +25,15 @@ from proxy.state import REQUEST_INFO, ProxyState
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
 REQUEST_ID_MAX = 128
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Wrap = Callable[[Handler, str | None], Handler]
+
+
+def _bare(handler: Handler, endpoint: str | None) -> Handler:
+    return handler
+
+
 MODEL_OWNER = "cb-proxy"
 
 
@@ -231,13 +241,14 @@ async def list_models(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(models_payload(state)), content_type="application/json")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_get("/v1/models", list_models)
-    # Some clients are configured without the /v1 prefix.
-    app.router.add_post("/chat/completions", chat_completions)
-    app.router.add_post("/completions", completions)
-    app.router.add_post("/embeddings", embeddings)
-    app.router.add_get("/models", list_models)
+def add_routes(app: web.Application, wrap: Wrap = _bare) -> None:
+    routes = (
+        ("/v1/chat/completions", "POST", chat_completions, "chat"),
+        ("/v1/completions", "POST", completions, "completions"),
+        ("/v1/embeddings", "POST", embeddings, "embeddings"),
+        ("/v1/models", "GET", list_models, None),
+    )
+    for path, method, handler, endpoint in routes:
+        app.router.add_route(method, path, wrap(handler, endpoint))
+        # Some clients are configured without the /v1 prefix.
+        app.router.add_route(method, path.removeprefix("/v1"), wrap(handler, endpoint))

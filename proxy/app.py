@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -46,6 +47,8 @@ ENDPOINT_NAMES = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+KnownPaths = tuple[frozenset[str], tuple["re.Pattern[str]", ...]]
+KNOWN_PATHS: web.AppKey[KnownPaths] = web.AppKey("known_paths")
 
 
 def render_error(err: ProxyError, rid: str) -> web.Response:
@@ -69,14 +72,14 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyE
     return err
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error as OpenAI JSON with x-request-id; one place, one log line per request."""
+async def guarded(
+    request: web.Request, handler: Handler, endpoint: str | None
+) -> web.StreamResponse:
+    """Every error as OpenAI JSON with x-request-id; request accounting; one place."""
     state = request.app[STATE]
     rid = request_id(request)
     info = RequestInfo(rid)
     request[REQUEST_INFO] = info
-    endpoint = ENDPOINT_NAMES.get(request.path)
     started = time.perf_counter()
     state.in_flight += 1
     status = 500
@@ -103,6 +106,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         state.in_flight -= 1
         if endpoint is not None:
             state.record_request(endpoint, info, status, time.perf_counter() - started)
+
+
+def openai_errors(handler: Handler, endpoint: str | None = None) -> Handler:
+    """Wrap one handler with ``guarded``.
+
+    The API app wraps its handlers instead of using a middleware: aiohttp runs
+    no middleware machinery at all for an app without middlewares, which is
+    two coroutine layers less on every proxied request.
+    """
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        return await guarded(request, handler, endpoint)
+
+    return wrapped
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin listener's error rendering (a cold path: a middleware is fine there)."""
+    return await guarded(request, handler, ENDPOINT_NAMES.get(request.path))
+
+
+def _known(app: web.Application, path: str) -> bool:
+    """Is ``path`` served by some route of ``app`` (with another method)?"""
+    static, patterns = app[KNOWN_PATHS]
+    return path in static or any(p.fullmatch(path) for p in patterns)
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    """The API app's catch-all: unknown paths are 404s, known paths with a wrong method 405s."""
+    if _known(request.app, request.path):
+        raise MethodNotAllowed(f"method {request.method} is not allowed on {request.path}")
+    raise NotFound(f"unknown endpoint {request.method} {request.path}")
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -183,12 +219,16 @@ async def _rules_watcher(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(state: ProxyState) -> web.Application:
     """The OpenAI-compatible API app; owns the shared client session and the rules watcher."""
-    app = web.Application(
-        middlewares=[error_middleware], client_max_size=state.settings.max_body_bytes
-    )
+    app = web.Application(client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
-    api.add_routes(app)
-    admin.add_routes(app, api_port=True)
+    api.add_routes(app, wrap=openai_errors)
+    admin.add_routes(app, api_port=True, wrap=openai_errors)
+    resources = list(app.router.resources())
+    app[KNOWN_PATHS] = (
+        frozenset(r.canonical for r in resources if "{" not in r.canonical),
+        tuple(r.get_info()["pattern"] for r in resources if isinstance(r, web.DynamicResource)),
+    )
+    app.router.add_route("*", "/{tail:.*}", openai_errors(_unmatched))
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_rules_watcher)
     app.cleanup_ctx.append(health.health_checks)  # after the session: it uses it

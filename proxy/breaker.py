@@ -522,6 +522,8 @@ class CircuitBreaker:
 
     def can_permit(self) -> bool:
         """Would ``permit`` grant a call now? Takes no slot."""
+        if self._state is State.CLOSED or self._state is State.DISABLED:
+            return True  # the common case: no clock read, nothing to advance
         now = self._clock()
         return self._retry_at(now) <= now
 

@@ -27,13 +27,12 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.breaker import CircuitBreaker, Permit
 from proxy.deadline import Guard
@@ -115,7 +114,13 @@ class Exchange:
     attempts: int = 0
     upstream_seconds: float = 0.0
     usage_estimated: bool = False
-    response_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    _route_header: str = ""
+
+    def route_header(self) -> str:
+        """``x-cb-route``, built once per request (the header and the body both carry it)."""
+        if not self._route_header:
+            self._route_header = self.plan.header()
+        return self._route_header
 
 
 class AttemptFailed(Exception):
@@ -198,7 +203,7 @@ def _base_headers(ex: Exchange, attempt: _Attempt) -> dict[str, str]:
         "x-cb-attempts": str(ex.attempts),
         "x-cb-fallback": "true" if attempt.index > 0 else "false",
         "x-cb-breaker-state": attempt.breaker.state.value,
-        "x-cb-route": ex.plan.header(),
+        "x-cb-route": ex.route_header(),
     }
 
 
@@ -213,7 +218,7 @@ def _metadata(ex: Exchange, attempt: _Attempt, cost: float) -> JSONDict:
         "breaker_state": attempt.breaker.state.value,
         "cost_usd": cost,
         "usage_estimated": ex.usage_estimated,
-        "route": ex.plan.header(),
+        "route": ex.route_header(),
     }
 
 
