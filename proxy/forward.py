@@ -397,6 +397,9 @@ async def _attempt(
         # sent, so the breaker learns nothing; a candidate of another format may still serve.
         breaker.release(permit)
         raise AttemptFailed(exc, Outcome.FAILURE) from None
+    except BaseException:
+        breaker.release(permit)  # a bug in a translator must not hold a probe slot forever
+        raise
     ex.attempts += 1
     attempt = _Attempt(cand, index, breaker, permit, time.monotonic())
     try:

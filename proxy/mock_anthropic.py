@@ -123,13 +123,6 @@ class AnthropicFormat(MockFormat):
             Route("GET", "/v1/models", self.list_models),
         )
 
-    def model_of(self, req: MockRequest) -> str | None:
-        model = req.body.get("model") if isinstance(req.body, dict) else None
-        return model if isinstance(model, str) else None
-
-    def wants_stream(self, req: MockRequest) -> bool:
-        return isinstance(req.body, dict) and req.body.get("stream") is True
-
     def _request_id(self) -> str:
         return f"req_mock{self.options.name}{self._serial}"
 

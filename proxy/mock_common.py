@@ -124,11 +124,14 @@ class MockFormat(abc.ABC):
     @abc.abstractmethod
     def routes(self) -> Sequence[Route]: ...
 
-    @abc.abstractmethod
-    def model_of(self, req: MockRequest) -> str | None: ...
+    # OpenAI and Anthropic name the model and ask for a stream in the JSON body;
+    # a format that says so elsewhere (Gemini: in the path) overrides these.
+    def model_of(self, req: MockRequest) -> str | None:
+        model = req.body.get("model") if isinstance(req.body, dict) else None
+        return model if isinstance(model, str) else None
 
-    @abc.abstractmethod
-    def wants_stream(self, req: MockRequest) -> bool: ...
+    def wants_stream(self, req: MockRequest) -> bool:
+        return isinstance(req.body, dict) and req.body.get("stream") is True
 
     @abc.abstractmethod
     def error(self, status: int, message: str | None = None) -> JsonReply:

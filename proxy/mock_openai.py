@@ -90,13 +90,6 @@ class OpenAIFormat(MockFormat):
             Route("GET", "/v1/models", self.list_models),
         )
 
-    def model_of(self, req: MockRequest) -> str | None:
-        model = req.body.get("model") if isinstance(req.body, dict) else None
-        return model if isinstance(model, str) else None
-
-    def wants_stream(self, req: MockRequest) -> bool:
-        return isinstance(req.body, dict) and req.body.get("stream") is True
-
     def error(self, status: int, message: str | None = None) -> JsonReply:
         return JsonReply(status, error_body(status, message))
 

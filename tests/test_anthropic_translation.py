@@ -1032,3 +1032,13 @@ def test_stop_without_message_delta_still_sends_a_finish_reason() -> None:
         chunk({}, "stop", msg_id=TEXT_ID, usage=False),
         "[DONE]",
     ]
+
+
+def test_a_tool_that_is_not_an_object_is_a_400_naming_it() -> None:
+    from proxy.errors import InvalidRequest
+    from proxy.providers.anthropic import translate_request
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": ["x"]}
+    with pytest.raises(InvalidRequest) as info:
+        translate_request(body, "claude", False)
+    assert info.value.param == "tools[0].type"

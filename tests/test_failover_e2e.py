@@ -26,12 +26,12 @@ import orjson
 import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.breaker import State
 from proxy.mock_common import reply_text
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
+from tests.metrics import Scrape
 from tests.openapi import validate, validate_payloads
 
 PROMPT = "hello there"
@@ -81,27 +81,6 @@ class Rig:
 
     async def scrape(self) -> Scrape:
         return Scrape(await self.proxy.metrics_text())
-
-
-class Scrape:
-    """One /metrics scrape; ``total`` sums the samples whose labels include the given ones."""
-
-    def __init__(self, text: str) -> None:
-        self.samples = [
-            (sample.name, dict(sample.labels), sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        ]
-
-    def total(self, name: str, **labels: str) -> float:
-        return sum(
-            value
-            for sample_name, sample_labels, value in self.samples
-            if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items())
-        )
-
-    def label_sets(self, name: str) -> list[dict[str, str]]:
-        return [labels for sample_name, labels, _ in self.samples if sample_name == name]
 
 
 @asynccontextmanager

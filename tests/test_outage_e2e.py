@@ -27,11 +27,11 @@ from pathlib import Path
 
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.breaker import State
 from tests.fakes.upstream import RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
+from tests.metrics import Scrape
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "steady traffic"}]
 MODEL = "gpt-4o-mini"
@@ -158,17 +158,6 @@ async def outage_rig(tmp_path: Path) -> AsyncIterator[Outage]:
                 registry.on_transition = forward
 
 
-def transition_counts(metrics_text: str) -> Counter[tuple[str, str, str]]:
-    counts: Counter[tuple[str, str, str]] = Counter()
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "circuit_breaker_transitions_total":
-                labels = sample.labels
-                key = (labels["upstream"], labels["from_state"], labels["to_state"])
-                counts[key] += int(sample.value)
-    return counts
-
-
 async def test_primary_outage_under_steady_traffic(tmp_path: Path) -> None:
     async with outage_rig(tmp_path) as o:
         await o.primary.set_fault(kind="status", status=503)
@@ -179,7 +168,7 @@ async def test_primary_outage_under_steady_traffic(tmp_path: Path) -> None:
         assert o.proxy.state.breaker("primary").state is State.CLOSED, "never recovered"
         await o.traffic(AFTER_CLOSE_REQUESTS, outage=False)
         assert o.proxy.state.breaker("primary").state is State.CLOSED
-        metrics_text = await o.proxy.metrics_text()
+        scrape = Scrape(await o.proxy.metrics_text())
         total_primary = o.primary.stats()["requests"]
 
     # Every client request succeeded (traffic() raises otherwise); during the outage
@@ -221,6 +210,7 @@ async def test_primary_outage_under_steady_traffic(tmp_path: Path) -> None:
     assert total_primary == counts[-1] + AFTER_CLOSE_REQUESTS  # closed: the primary serves all
 
     # /metrics agrees with what happened, and shows nothing else.
-    assert transition_counts(metrics_text) == Counter(
-        ("primary", source, target) for source, target in path
+    transitions = scrape.counts(
+        "circuit_breaker_transitions_total", "upstream", "from_state", "to_state"
     )
+    assert transitions == Counter(("primary", source, target) for source, target in path)

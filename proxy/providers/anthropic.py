@@ -43,7 +43,8 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest, UnsupportedParameter, error_body
-from proxy.outcome import Outcome, classify_status, is_transient
+from proxy.outcome import Outcome
+from proxy.providers import openai_shapes as shapes
 from proxy.providers.base import (
     DONE,
     Endpoint,
@@ -57,6 +58,7 @@ from proxy.ratelimit import parse_retry_after
 from proxy.rules import Deployment, Provider
 from proxy.sse import SSEParser
 
+UPSTREAM = "Anthropic"
 ANTHROPIC_VERSION = "2023-06-01"
 MESSAGES_PATH = "/v1/messages"
 MODELS_PATH = "/v1/models"
@@ -72,6 +74,7 @@ STOP_REASONS = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+TOOL_CHOICE_TYPES = {"auto": "auto", "required": "any", "none": "none", "function": "tool"}
 # Anthropic's error types and the HTTP status each stands for (errors page);
 # used for in-stream ``error`` events, which carry no status of their own.
 ERROR_TYPE_STATUS = {
@@ -130,113 +133,46 @@ def _reject_unsupported(body: JSONDict) -> None:
         raise UnsupportedParameter(
             "Anthropic upstreams do not support 'logit_bias'", param="logit_bias"
         )
-    if body.get("audio") or "audio" in (body.get("modalities") or ()):
-        raise UnsupportedParameter("Anthropic upstreams do not produce audio", param="modalities")
-    for name in ("functions", "function_call"):
-        if body.get(name) is not None:
-            raise UnsupportedParameter(f"use 'tools' instead of the legacy '{name}'", param=name)
+    shapes.reject_audio(body, "Anthropic upstreams do not produce audio")
+    shapes.reject_legacy_functions(body)
 
 
-def _split_data_url(url: str, param: str) -> tuple[str, str]:
-    header, comma, data = url.partition(",")
-    mime, _, encoding = header[len("data:") :].partition(";")
-    if not comma or encoding != "base64" or not mime:
-        raise InvalidRequest("data URLs must look like data:<mime>;base64,<data>", param=param)
-    return mime, data
-
-
-def _image_block(part: JSONDict, param: str) -> JSONDict:
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str):
-        raise InvalidRequest("image_url.url must be a string", param=param)
+def _image_block(url: str, param: str) -> JSONDict:
     if url.startswith("data:"):
-        mime, data = _split_data_url(url, param)
+        mime, data = shapes.split_data_url(url, param)
         return {"type": "image", "source": {"type": "base64", "media_type": mime, "data": data}}
     if url.startswith(("https://", "http://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     raise InvalidRequest("image URLs must be https:// or data: URLs", param=param)
 
 
-def _file_block(part: JSONDict, param: str) -> JSONDict:
-    file = part.get("file")
-    data_url = file.get("file_data") if isinstance(file, dict) else None
-    if not isinstance(data_url, str) or not data_url.startswith("data:"):
-        raise UnsupportedParameter(
-            "Anthropic upstreams take files inline only (file.file_data as a data: URL)",
-            param=param,
-        )
-    mime, data = _split_data_url(data_url, param)
+def _file_block(data_url: str, param: str) -> JSONDict:
+    mime, data = shapes.split_data_url(data_url, param)
     return {"type": "document", "source": {"type": "base64", "media_type": mime, "data": data}}
 
 
 def _content_blocks(content: Any, param: str) -> list[JSONDict]:
     """OpenAI message content -> Anthropic blocks, empty text dropped."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequest("content must be a string or an array of parts", param=param)
     blocks: list[JSONDict] = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        part_param = f"{param}[{j}]"
-        if kind == "text":
-            text = part.get("text")
-            if text:
-                blocks.append({"type": "text", "text": text})
-        elif kind == "image_url":
-            blocks.append(_image_block(part, part_param))
-        elif kind == "file":
-            blocks.append(_file_block(part, part_param))
-        elif kind == "refusal":
-            continue  # an earlier refusal is not model input
+    for part in shapes.content_parts(content, param, UPSTREAM):
+        if part.kind == "text":
+            blocks.append({"type": "text", "text": part.value})
+        elif part.kind == "image_url":
+            blocks.append(_image_block(part.value, part.param))
         else:
-            raise UnsupportedParameter(
-                f"content part type {kind!r} is not supported by Anthropic upstreams",
-                param=f"{part_param}.type",
-            )
+            blocks.append(_file_block(part.value, part.param))
     return blocks
-
-
-def _text_of(content: Any, param: str) -> str:
-    """The plain text of a system/tool message (string or text parts)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "".join(
-            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    raise InvalidRequest("content must be a string or an array of text parts", param=param)
-
-
-def _parse_arguments(arguments: Any) -> JSONDict:
-    if isinstance(arguments, dict):
-        return arguments
-    if not isinstance(arguments, str) or not arguments.strip():
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except orjson.JSONDecodeError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
 
 
 def _assistant_blocks(msg: JSONDict, i: int) -> list[JSONDict]:
     blocks = _content_blocks(msg.get("content"), f"messages[{i}].content")
-    for k, call in enumerate(msg.get("tool_calls") or ()):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
-            raise InvalidRequest(
-                "tool calls need an id and a function", param=f"messages[{i}].tool_calls[{k}]"
-            )
+    for call_id, fn in shapes.assistant_tool_calls(msg, i):
         blocks.append(
             {
                 "type": "tool_use",
-                "id": anthropic_tool_id(call["id"]),
+                "id": anthropic_tool_id(call_id),
                 "name": fn.get("name", ""),
-                "input": _parse_arguments(fn.get("arguments")),
+                "input": shapes.parse_arguments(fn.get("arguments")),
             }
         )
     return blocks
@@ -249,7 +185,7 @@ def _tool_result(msg: JSONDict, i: int) -> JSONDict:
             "tool messages need a tool_call_id", param=f"messages[{i}].tool_call_id"
         )
     block: JSONDict = {"type": "tool_result", "tool_use_id": anthropic_tool_id(call_id)}
-    text = _text_of(msg.get("content"), f"messages[{i}].content")
+    text = shapes.text_of(msg.get("content"), f"messages[{i}].content")
     if text:  # an empty string would be an empty text block
         block["content"] = text
     block["is_error"] = False  # OpenAI tool messages carry no error flag
@@ -289,27 +225,16 @@ def _strip_prefill(out: list[JSONDict]) -> None:
 
 
 def _tool_choice(choice: Any) -> JSONDict:
-    if choice == "auto":
-        return {"type": "auto"}
-    if choice == "required":
-        return {"type": "any"}
-    if choice == "none":
-        return {"type": "none"}
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        return {"type": "tool", "name": choice["function"].get("name", "")}
-    raise InvalidRequest("unsupported tool_choice", param="tool_choice")
+    mode, name = shapes.tool_choice_of(choice)
+    out: JSONDict = {"type": TOOL_CHOICE_TYPES[mode]}
+    if mode == "function":
+        out["name"] = name
+    return out
 
 
 def _tools(tools: Any) -> list[JSONDict]:
-    if not isinstance(tools, list):
-        raise InvalidRequest("tools must be an array", param="tools")
     out: list[JSONDict] = []
-    for k, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type") != "function" or not isinstance(fn, dict):
-            raise UnsupportedParameter(
-                "Anthropic upstreams take function tools only", param=f"tools[{k}].type"
-            )
+    for fn in shapes.function_tools(tools, UPSTREAM):
         entry: JSONDict = {
             "name": fn.get("name", ""),
             "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
@@ -334,15 +259,11 @@ def _format_instruction(response_format: Any) -> str | None:
 def translate_request(body: JSONDict, upstream_model: str, stream: bool) -> JSONDict:
     """The Anthropic Messages request body for an OpenAI chat completions body."""
     _reject_unsupported(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise InvalidRequest("messages must be an array", param="messages")
     system: list[str] = []
     out: list[JSONDict] = []
-    for i, msg in enumerate(messages):
-        role = msg.get("role") if isinstance(msg, dict) else None
+    for i, role, msg in shapes.chat_messages(body):
         if role in ("system", "developer"):
-            text = _text_of(msg.get("content"), f"messages[{i}].content")
+            text = shapes.text_of(msg.get("content"), f"messages[{i}].content")
             if text:
                 system.append(text)
         elif role == "user":
@@ -351,13 +272,9 @@ def translate_request(body: JSONDict, upstream_model: str, stream: bool) -> JSON
             _append(out, "assistant", _assistant_blocks(msg, i))
         elif role == "tool":
             _append(out, "user", [_tool_result(msg, i)])
-        else:
-            raise InvalidRequest(f"unsupported message role {role!r}", param=f"messages[{i}].role")
     _strip_prefill(out)
 
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+    max_tokens = shapes.max_tokens_of(body)
     payload: JSONDict = {
         "model": upstream_model,
         "messages": out,
@@ -376,10 +293,8 @@ def translate_request(body: JSONDict, upstream_model: str, stream: bool) -> JSON
         payload["temperature"] = min(max(float(temperature), 0.0), 1.0)
     if body.get("top_p") is not None:
         payload["top_p"] = body["top_p"]
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        payload["stop_sequences"] = [stop]
-    elif isinstance(stop, list) and stop:
+    stop = shapes.stop_sequences(body)
+    if stop is not None:
         payload["stop_sequences"] = stop
     if isinstance(body.get("user"), str):
         payload["metadata"] = {"user_id": body["user"]}
@@ -421,8 +336,7 @@ def _prompt_tokens(usage: JSONDict) -> int:
 
 
 def _malformed(what: str) -> StreamError:
-    body = error_body(502, f"Anthropic API returned a malformed {what}", code="upstream_error")
-    return StreamError(ErrorInfo(Outcome.FAILURE, 502, body))
+    return shapes.upstream_failure(f"Anthropic API returned a malformed {what}")
 
 
 def _parse_message(body: bytes, deployment: Deployment, client_model: str, now: int) -> JSONDict:
@@ -440,22 +354,8 @@ def _parse_message(body: bytes, deployment: Deployment, client_model: str, now: 
             texts.append(block.get("text") or "")
         elif kind == "tool_use":
             tool_calls.append(
-                {
-                    "id": block.get("id", ""),
-                    "type": "function",
-                    "function": {
-                        "name": block.get("name", ""),
-                        "arguments": orjson.dumps(block.get("input") or {}).decode(),
-                    },
-                }
+                shapes.tool_call(block.get("id", ""), block.get("name", ""), block.get("input"))
             )
-    message: JSONDict = {
-        "role": "assistant",
-        "content": "".join(texts) if texts or not tool_calls else None,
-        "refusal": None,
-    }
-    if tool_calls:
-        message["tool_calls"] = tool_calls
     usage = msg.get("usage") or {}
     return {
         "id": f"chatcmpl-{msg.get('id', '')}",
@@ -465,7 +365,7 @@ def _parse_message(body: bytes, deployment: Deployment, client_model: str, now: 
         "choices": [
             {
                 "index": 0,
-                "message": message,
+                "message": shapes.assistant_message(texts, tool_calls),
                 "logprobs": None,
                 "finish_reason": STOP_REASONS.get(msg.get("stop_reason") or "", "stop"),
             }
@@ -500,24 +400,12 @@ def classify(
             transient=True,
         )
     if status == 402 or error_type == "billing_error" or any(m in lowered for m in CREDIT_MARKERS):
-        # Out of money: OpenAI's own shape for it is 429 insufficient_quota.
-        body = error_body(429, text, code="insufficient_quota")
-        body["error"]["type"] = "insufficient_quota"
-        return ErrorInfo(Outcome.FAILURE, 429, body)
+        return shapes.quota_exhausted(text)
     if status == 429 or error_type == "rate_limit_error":
-        body = error_body(429, text, code="rate_limit_exceeded")
-        return ErrorInfo(Outcome.RATE_LIMITED, 429, body, retry_after=retry_after)
+        return shapes.rate_limited(text, retry_after)
     if status == 400 and any(m in lowered for m in CONTEXT_WINDOW_MARKERS):
-        body = error_body(400, text, code="context_length_exceeded")
-        return ErrorInfo(Outcome.IGNORED, 400, body, context_window=True)
-    code = "model_not_found" if status == 404 else (error_type or None)
-    return ErrorInfo(
-        classify_status(status),
-        status,
-        error_body(status, text, code=code),
-        retry_after=retry_after,
-        transient=is_transient(status),
-    )
+        return shapes.context_window_exceeded(text)
+    return shapes.status_error(status, text, error_type, retry_after)
 
 
 def _error_fields(obj: Any) -> tuple[str, str] | None:
@@ -576,10 +464,9 @@ class AnthropicStreamTranslator:
         if self._error is not None:
             raise self._error
         if not self.finished:
-            body = error_body(
-                502, "Anthropic stream ended before message_stop", code="upstream_stream_truncated"
+            raise shapes.upstream_failure(
+                "Anthropic stream ended before message_stop", code="upstream_stream_truncated"
             )
-            raise StreamError(ErrorInfo(Outcome.FAILURE, 502, body))
         return out
 
     # one upstream event -> zero or more payloads appended to ``out``
@@ -747,13 +634,9 @@ class AnthropicAdapter:
         return _parse_message(body, deployment, client_model, int(self._clock()))
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ErrorInfo:
-        try:
-            fields = _error_fields(orjson.loads(body))
-        except orjson.JSONDecodeError:
-            fields = None
+        fields = _error_fields(shapes.json_or_none(body))
         if fields is None:
-            snippet = body[:200].decode("utf-8", "replace").strip()
-            fields = ("", f"HTTP {status}" + (f": {snippet}" if snippet else ""))
+            fields = ("", shapes.http_error_text(status, body))
         return classify(status, fields[0], fields[1], parse_retry_after(headers, self._clock()))
 
     def stream_translator(

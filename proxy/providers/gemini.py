@@ -7,7 +7,7 @@ Request invariants:
   left empty are dropped (Gemini rejects them);
 - a tool message becomes a ``functionResponse`` whose name comes from the
   matching assistant call earlier in the list (unknown id: 400);
-- tool schemas are reduced to Gemini's OpenAPI subset (``gemini_schema``):
+- tool schemas are reduced to Gemini's OpenAPI subset (module ``gemini_schema``):
   local ``$ref`` inlined, ``oneOf`` read as ``anyOf``, ``const`` as a
   one-value enum, type lists as ``type`` + ``nullable``, unknown keywords and
   unsupported ``format`` values dropped, ``required`` limited to declared
@@ -54,7 +54,8 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest, UnsupportedParameter, error_body
-from proxy.outcome import Outcome, classify_status, is_transient
+from proxy.outcome import Outcome
+from proxy.providers import openai_shapes as shapes
 from proxy.providers.base import (
     DONE,
     Endpoint,
@@ -64,16 +65,20 @@ from proxy.providers.base import (
     UpstreamRequest,
     Usage,
 )
+from proxy.providers.gemini_schema import MAX_REF_DEPTH as MAX_REF_DEPTH
+from proxy.providers.gemini_schema import gemini_schema as gemini_schema
 from proxy.ratelimit import parse_retry_after
 from proxy.rules import Deployment, Provider
 from proxy.sse import SSEParser
 
+UPSTREAM = "Gemini"
 API_PREFIX = "/v1beta/models"
 SIGNATURE_MARK = "__sig_"
 # Google's documented placeholder for function calls the model did not make
 # itself (thought-signatures guide, 'history from other models').
 FOREIGN_SIGNATURE = "skip_thought_signature_validator"
 DEFAULT_IMAGE_MIME = "image/jpeg"
+TOOL_CONFIG_MODES = {"none": "NONE", "auto": "AUTO", "required": "ANY", "function": "ANY"}
 FINISH_FILTERED = frozenset(
     {
         "SAFETY",
@@ -89,31 +94,6 @@ FINISH_FILTERED = frozenset(
         "IMAGE_OTHER",
     }
 )
-# Keywords of Gemini's Schema object (an OpenAPI 3.0 subset) kept as they are;
-# nested schemas ('properties', 'items', 'anyOf') are handled separately.
-SCHEMA_SCALAR_KEYS = frozenset(
-    {
-        "description",
-        "nullable",
-        "minItems",
-        "maxItems",
-        "minLength",
-        "maxLength",
-        "minProperties",
-        "maxProperties",
-        "minimum",
-        "maximum",
-        "pattern",
-        "propertyOrdering",
-    }
-)
-# Gemini accepts only these 'format' values (per type); others are a 400.
-SCHEMA_FORMATS = {
-    "STRING": frozenset({"enum", "date-time"}),
-    "INTEGER": frozenset({"int32", "int64"}),
-    "NUMBER": frozenset({"float", "double"}),
-}
-MAX_REF_DEPTH = 8
 CONTEXT_WINDOW_MARKERS = ("input token count", "maximum number of tokens")
 QUOTA_MARKERS = ("perday", "per day", "credits are depleted", "billing account")
 API_KEY_MARKERS = ("api_key_invalid", "api key not valid", "api key expired")
@@ -157,137 +137,20 @@ def signature_of(call_id: str) -> str | None:
     return std + "=" * (-len(std) % 4)
 
 
-# --- request: shared OpenAI readers ----------------------------------------
-
-
-def _split_data_url(url: str, param: str) -> tuple[str, str]:
-    header, comma, data = url.partition(",")
-    mime, _, encoding = header[len("data:") :].partition(";")
-    if not comma or encoding != "base64" or not mime:
-        raise InvalidRequest("data URLs must look like data:<mime>;base64,<data>", param=param)
-    return mime, data
-
-
-def _text_of(content: Any, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "".join(
-            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    raise InvalidRequest("content must be a string or an array of text parts", param=param)
-
-
-def _parse_arguments(arguments: Any) -> JSONDict:
-    if isinstance(arguments, dict):
-        return arguments
-    if not isinstance(arguments, str) or not arguments.strip():
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except orjson.JSONDecodeError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
+# --- request: fields and tools ----------------------------------------------
 
 
 def _reject_unsupported(body: JSONDict) -> None:
     for name in ("logprobs", "top_logprobs", "logit_bias"):
         if body.get(name):
             raise UnsupportedParameter(f"Gemini upstreams do not support '{name}'", param=name)
-    if body.get("audio") or "audio" in (body.get("modalities") or ()):
-        raise UnsupportedParameter("Gemini upstreams here produce text only", param="modalities")
-    for name in ("functions", "function_call"):
-        if body.get(name) is not None:
-            raise UnsupportedParameter(f"use 'tools' instead of the legacy '{name}'", param=name)
-
-
-# --- request: schemas -------------------------------------------------------
-
-
-def _resolve_ref(ref: str, root: JSONDict) -> Any:
-    for prefix in ("#/$defs/", "#/definitions/"):
-        if ref.startswith(prefix):
-            defs = root.get(prefix[2:-1])
-            return defs.get(ref[len(prefix) :]) if isinstance(defs, dict) else None
-    return None
-
-
-def _clean(node: Any, root: JSONDict, depth: int) -> JSONDict:
-    if not isinstance(node, dict):
-        return {}
-    if "$ref" in node:
-        target = _resolve_ref(str(node["$ref"]), root)
-        if target is None or depth >= MAX_REF_DEPTH:
-            # Unresolvable or recursive: an untyped object keeps the call usable.
-            return {"type": "OBJECT"}
-        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-        return _clean(merged, root, depth + 1)
-    for part in node.get("allOf") or ():
-        # Best effort: Gemini has no allOf, so its parts are merged into one schema.
-        if isinstance(part, dict) and "$ref" in part:
-            part = _resolve_ref(str(part["$ref"]), root)
-        if isinstance(part, dict):
-            node = {
-                **node,
-                **part,
-                "properties": {**(node.get("properties") or {}), **(part.get("properties") or {})},
-                "required": [*(node.get("required") or ()), *(part.get("required") or ())],
-            }
-    out: JSONDict = {}
-    kind = node.get("type")
-    if isinstance(kind, list):
-        types = [t for t in kind if t != "null"]
-        if len(types) < len(kind):
-            out["nullable"] = True
-        if len(types) > 1:
-            out["anyOf"] = [{"type": str(t).upper()} for t in types]
-        kind = types[0] if len(types) == 1 else None
-    if isinstance(kind, str):
-        out["type"] = kind.upper()
-    for key in SCHEMA_SCALAR_KEYS:
-        if key in node:
-            out[key] = node[key]
-    fmt = node.get("format")
-    if isinstance(fmt, str) and fmt in SCHEMA_FORMATS.get(out.get("type", ""), ()):
-        out["format"] = fmt
-    enum = [node["const"]] if "const" in node else node.get("enum")
-    if isinstance(enum, list):
-        if None in enum:
-            out["nullable"] = True
-        values = [v for v in enum if v is not None]
-        if values and all(isinstance(v, str) for v in values):  # Gemini enums are strings
-            out["enum"] = values
-            out.setdefault("type", "STRING")
-    variants = node.get("anyOf") or node.get("oneOf")
-    if isinstance(variants, list):
-        out["anyOf"] = [_clean(v, root, depth) for v in variants]
-    items = node.get("items")
-    if isinstance(items, dict):
-        out["items"] = _clean(items, root, depth)
-    props = node.get("properties")
-    if isinstance(props, dict) and props:
-        out["properties"] = {name: _clean(sub, root, depth) for name, sub in props.items()}
-        required = [r for r in node.get("required") or () if r in props]
-        if required:
-            out["required"] = required
-    return out
-
-
-def gemini_schema(schema: JSONDict) -> JSONDict:
-    """A JSON Schema reduced to what Gemini's Schema object accepts (module docstring)."""
-    return _clean(schema, schema, 0)
+    shapes.reject_audio(body, "Gemini upstreams here produce text only")
+    shapes.reject_legacy_functions(body)
 
 
 def _function_declarations(tools: Any) -> list[JSONDict]:
-    if not isinstance(tools, list):
-        raise InvalidRequest("tools must be an array", param="tools")
     out: list[JSONDict] = []
-    for k, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or tool.get("type") != "function":
-            raise UnsupportedParameter(
-                "Gemini upstreams take function tools only", param=f"tools[{k}].type"
-            )
+    for fn in shapes.function_tools(tools, UPSTREAM):
         decl: JSONDict = {"name": fn.get("name", "")}
         if fn.get("description"):
             decl["description"] = fn["description"]
@@ -302,16 +165,10 @@ def _function_declarations(tools: Any) -> list[JSONDict]:
 
 
 def _tool_config(choice: Any) -> JSONDict:
-    if choice == "none":
-        config: JSONDict = {"mode": "NONE"}
-    elif choice == "auto":
-        config = {"mode": "AUTO"}
-    elif choice == "required":
-        config = {"mode": "ANY"}
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        config = {"mode": "ANY", "allowedFunctionNames": [choice["function"].get("name", "")]}
-    else:
-        raise InvalidRequest("unsupported tool_choice", param="tool_choice")
+    mode, name = shapes.tool_choice_of(choice)
+    config: JSONDict = {"mode": TOOL_CONFIG_MODES[mode]}
+    if mode == "function":
+        config["allowedFunctionNames"] = [name]
     return {"functionCallingConfig": config}
 
 
@@ -320,7 +177,7 @@ def _tool_config(choice: Any) -> JSONDict:
 
 def _media_part(url: str, param: str, default_mime: str) -> JSONDict:
     if url.startswith("data:"):
-        mime, data = _split_data_url(url, param)
+        mime, data = shapes.split_data_url(url, param)
         return {"inlineData": {"mimeType": mime, "data": data}}
     if url.startswith(("https://", "http://")):
         path = url.split("?", 1)[0].split("#", 1)[0]
@@ -330,59 +187,24 @@ def _media_part(url: str, param: str, default_mime: str) -> JSONDict:
 
 
 def _parts(content: Any, param: str) -> list[JSONDict]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequest("content must be a string or an array of parts", param=param)
-    parts: list[JSONDict] = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        part_param = f"{param}[{j}]"
-        if kind == "text":
-            if part.get("text"):
-                parts.append({"text": part["text"]})
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str):
-                raise InvalidRequest("image_url.url must be a string", param=part_param)
-            parts.append(_media_part(url, part_param, DEFAULT_IMAGE_MIME))
-        elif kind == "file":
-            file = part.get("file")
-            data = file.get("file_data") if isinstance(file, dict) else None
-            if not isinstance(data, str) or not data.startswith("data:"):
-                raise UnsupportedParameter(
-                    "Gemini upstreams take files inline only (file.file_data as a data: URL)",
-                    param=part_param,
-                )
-            parts.append(_media_part(data, part_param, DEFAULT_IMAGE_MIME))
-        elif kind == "refusal":
-            continue
-        else:
-            raise UnsupportedParameter(
-                f"content part type {kind!r} is not supported by Gemini upstreams",
-                param=f"{part_param}.type",
-            )
-    return parts
+    return [
+        {"text": part.value}
+        if part.kind == "text"
+        else _media_part(part.value, part.param, DEFAULT_IMAGE_MIME)
+        for part in shapes.content_parts(content, param, UPSTREAM)
+    ]
 
 
 def _model_parts(msg: JSONDict, i: int, call_names: dict[str, str]) -> list[JSONDict]:
     parts = _parts(msg.get("content"), f"messages[{i}].content")
     calls: list[JSONDict] = []
-    for k, call in enumerate(msg.get("tool_calls") or ()):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
-            raise InvalidRequest(
-                "tool calls need an id and a function", param=f"messages[{i}].tool_calls[{k}]"
-            )
+    for call_id, fn in shapes.assistant_tool_calls(msg, i):
         name = fn.get("name", "")
-        call_names[call["id"]] = name
+        call_names[call_id] = name
         part: JSONDict = {
-            "functionCall": {"name": name, "args": _parse_arguments(fn.get("arguments"))}
+            "functionCall": {"name": name, "args": shapes.parse_arguments(fn.get("arguments"))}
         }
-        signature = signature_of(call["id"])
+        signature = signature_of(call_id)
         if signature:
             part["thoughtSignature"] = signature
         calls.append(part)
@@ -402,11 +224,8 @@ def _append(contents: list[JSONDict], role: str, parts: list[JSONDict]) -> None:
 
 def _generation_config(body: JSONDict) -> JSONDict:
     config: JSONDict = {}
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
     pairs = (
-        ("maxOutputTokens", max_tokens),
+        ("maxOutputTokens", shapes.max_tokens_of(body)),
         ("temperature", body.get("temperature")),
         ("topP", body.get("top_p")),
         ("candidateCount", body.get("n")),
@@ -417,10 +236,8 @@ def _generation_config(body: JSONDict) -> JSONDict:
     for key, value in pairs:
         if value is not None:
             config[key] = value
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        config["stopSequences"] = [stop]
-    elif isinstance(stop, list) and stop:
+    stop = shapes.stop_sequences(body)
+    if stop is not None:
         config["stopSequences"] = stop
     response_format = body.get("response_format")
     if isinstance(response_format, dict):
@@ -440,16 +257,12 @@ def _generation_config(body: JSONDict) -> JSONDict:
 def translate_request(body: JSONDict) -> JSONDict:
     """The Gemini generateContent body for an OpenAI chat completions body."""
     _reject_unsupported(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise InvalidRequest("messages must be an array", param="messages")
     system: list[JSONDict] = []
     contents: list[JSONDict] = []
     call_names: dict[str, str] = {}
-    for i, msg in enumerate(messages):
-        role = msg.get("role") if isinstance(msg, dict) else None
+    for i, role, msg in shapes.chat_messages(body):
         if role in ("system", "developer"):
-            text = _text_of(msg.get("content"), f"messages[{i}].content")
+            text = shapes.text_of(msg.get("content"), f"messages[{i}].content")
             if text:
                 system.append({"text": text})
         elif role == "user":
@@ -464,11 +277,9 @@ def translate_request(body: JSONDict) -> JSONDict:
                     "tool message answers no earlier assistant tool call",
                     param=f"messages[{i}].tool_call_id",
                 )
-            output = _text_of(msg.get("content"), f"messages[{i}].content")
+            output = shapes.text_of(msg.get("content"), f"messages[{i}].content")
             response = {"functionResponse": {"name": name, "response": {"output": output}}}
             _append(contents, "user", [response])
-        else:
-            raise InvalidRequest(f"unsupported message role {role!r}", param=f"messages[{i}].role")
     payload: JSONDict = {"contents": contents}
     if system:
         payload["systemInstruction"] = {"parts": system}
@@ -533,8 +344,7 @@ def _usage_dict(meta: Any) -> JSONDict:
 
 
 def _failure(message: str) -> StreamError:
-    body = error_body(502, f"Gemini API returned {message}", code="upstream_error")
-    return StreamError(ErrorInfo(Outcome.FAILURE, 502, body))
+    return shapes.upstream_failure(f"Gemini API returned {message}")
 
 
 def _blocked(feedback: JSONDict) -> StreamError:
@@ -563,14 +373,8 @@ def _candidate_parts(candidate: JSONDict) -> list[JSONDict]:
 
 
 def _call_delta(call: JSONDict, signature: Any, token: str) -> JSONDict:
-    return {
-        "id": tool_call_id(token, signature if isinstance(signature, str) else None),
-        "type": "function",
-        "function": {
-            "name": call.get("name", ""),
-            "arguments": orjson.dumps(call.get("args") or {}).decode(),
-        },
-    }
+    call_id = tool_call_id(token, signature if isinstance(signature, str) else None)
+    return shapes.tool_call(call_id, call.get("name", ""), call.get("args"))
 
 
 def _embedding(values: Any, base64_out: bool) -> Any:
@@ -615,26 +419,15 @@ def classify(
         return ErrorInfo(Outcome.FAILURE, 401, body)
     if status == 429 or grpc_status == "RESOURCE_EXHAUSTED":
         if any(m in haystack for m in QUOTA_MARKERS):
-            body = error_body(429, text, code="insufficient_quota")
-            body["error"]["type"] = "insufficient_quota"
-            return ErrorInfo(Outcome.FAILURE, 429, body, retry_after=retry_after)
-        body = error_body(429, text, code="rate_limit_exceeded")
-        return ErrorInfo(Outcome.RATE_LIMITED, 429, body, retry_after=retry_after)
+            return shapes.quota_exhausted(text, retry_after)
+        return shapes.rate_limited(text, retry_after)
     if grpc_status == "FAILED_PRECONDITION":
         # Region or billing set-up of the proxy's project, not the caller's request.
         return ErrorInfo(Outcome.FAILURE, status, error_body(status, text, code=grpc_status))
     lowered = message.lower()
     if status == 400 and "exceed" in lowered and any(m in lowered for m in CONTEXT_WINDOW_MARKERS):
-        body = error_body(400, text, code="context_length_exceeded")
-        return ErrorInfo(Outcome.IGNORED, 400, body, context_window=True)
-    code = "model_not_found" if status == 404 else (grpc_status or None)
-    return ErrorInfo(
-        classify_status(status),
-        status,
-        error_body(status, text, code=code),
-        retry_after=retry_after,
-        transient=is_transient(status),
-    )
+        return shapes.context_window_exceeded(text)
+    return shapes.status_error(status, text, grpc_status, retry_after)
 
 
 def _error_parts(obj: Any) -> tuple[int | None, str, str, list[Any]] | None:
@@ -701,10 +494,9 @@ class GeminiStreamTranslator:
         if self._error is not None:
             raise self._error
         if not self.finished:
-            body = error_body(
-                502, "Gemini stream ended without a finishReason", code="upstream_stream_truncated"
+            raise shapes.upstream_failure(
+                "Gemini stream ended without a finishReason", code="upstream_stream_truncated"
             )
-            raise StreamError(ErrorInfo(Outcome.FAILURE, 502, body))
         if self._include_usage:
             chunk = self._base()
             chunk["choices"] = []
@@ -869,17 +661,10 @@ class GeminiAdapter:
                     signature = part.get("thoughtSignature")
                     calls.append(_call_delta(part["functionCall"], signature, self._new_token()))
             reason = candidate.get("finishReason") or ""
-            message: JSONDict = {
-                "role": "assistant",
-                "content": "".join(texts) if texts or not calls else None,
-                "refusal": None,
-            }
-            if calls:
-                message["tool_calls"] = calls
             choices.append(
                 {
                     "index": int(candidate.get("index") or position),
-                    "message": message,
+                    "message": shapes.assistant_message(texts, calls),
                     "logprobs": None,
                     "finish_reason": finish_reason(reason, bool(calls)),
                 }
@@ -914,13 +699,9 @@ class GeminiAdapter:
         }
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ErrorInfo:
-        try:
-            parts = _error_parts(orjson.loads(body))
-        except orjson.JSONDecodeError:
-            parts = None
+        parts = _error_parts(shapes.json_or_none(body))
         if parts is None:
-            snippet = body[:200].decode("utf-8", "replace").strip()
-            parts = (status, "", f"HTTP {status}" + (f": {snippet}" if snippet else ""), [])
+            parts = (status, "", shapes.http_error_text(status, body), [])
         _, grpc_status, message, details = parts
         retry_after = parse_retry_after(headers, self._clock())
         return classify(status, grpc_status, message, details, retry_after)
