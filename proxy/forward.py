@@ -188,7 +188,8 @@ class _Attempt:
 def _client_error(info: ErrorInfo) -> ProxyError:
     headers: dict[str, str] = {}
     if info.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(info.retry_after)))
+        # Rounded up: a client told to come back sooner than the upstream asked just fails again.
+        headers.update(_retry_headers(info.retry_after))
     return UpstreamHTTPError(info.status, info.body, headers=headers)
 
 
@@ -251,57 +252,66 @@ async def serve(ex: Exchange) -> web.StreamResponse:
         breaker = state.breaker(cand.provider.name)
         retries = 0
         retried: AttemptFailed | None = None  # the failure whose retry is pending
-        while True:
-            permit = breaker.permit()
-            if permit is None:
-                state.metrics.rejections.labels(cand.provider.name, "breaker_open").inc()
-                if retried is not None:
-                    errors.append(retried)  # it was tried and failed: its error still counts
-                    break
-                wait = breaker.retry_after_seconds()
-                # A forced-open breaker never reopens by itself: do not invite quick retries.
-                open_waits.append(FORCED_OPEN_RETRY_AFTER if wait is None else wait)
-                break
-            try:
-                return await _attempt(ex, cand, index, breaker, permit)
-            except AttemptFailed as failed:
-                failed.context_window = cand.context_window
-                LOG.info(
-                    "request %s attempt %d on %s failed (%s): %s",
-                    ex.request_id,
-                    ex.attempts,
-                    cand.deployment.key,
-                    failed.outcome.value,
-                    failed.error.message,
-                )
-                if failed.outcome is Outcome.IGNORED and not (
-                    failed.info is not None and failed.info.context_window
-                ):
-                    raise failed.error from None
-                if failed.outcome is Outcome.RATE_LIMITED:
-                    retry_after = failed.info.retry_after if failed.info else None
-                    state.gates.close(gate_key, gate_seconds(retry_after))
-                # A failed probe is not retried: the breaker has just learnt the upstream is
-                # still down, and the client's time is better spent on the next candidate.
-                wait = None if permit.probe else _retry_wait(failed, policy, state)
-                if (
-                    wait is not None
-                    and retries < policy.same_deployment_retries
-                    and ex.attempts < policy.max_attempts
-                    and loop.time() + wait < deadline
-                    and state.retries_in_flight < _retry_budget(state, policy)
-                ):
-                    retries += 1
-                    retried = failed
-                    state.metrics.retries.labels(cand.provider.name).inc()
-                    state.retries_in_flight += 1
-                    try:
-                        await asyncio.sleep(wait)  # backoff before the retry, not a test wait
-                    finally:
+        holding = False  # this request holds a retry-budget slot: from the backoff to the end
+        try:
+            while True:
+                permit = breaker.permit()
+                if permit is None:
+                    if holding:
                         state.retries_in_flight -= 1
-                    continue
-                errors.append(failed)
-                break
+                        holding = False
+                    state.metrics.rejections.labels(cand.provider.name, "breaker_open").inc()
+                    if retried is not None:
+                        errors.append(retried)  # it was tried and failed: its error still counts
+                        break
+                    wait = breaker.retry_after_seconds()
+                    # A forced-open breaker never reopens by itself: do not invite quick retries.
+                    open_waits.append(FORCED_OPEN_RETRY_AFTER if wait is None else wait)
+                    break
+                try:
+                    return await _attempt(ex, cand, index, breaker, permit, deadline)
+                except AttemptFailed as failed:
+                    if holding:  # the retried attempt is over: its budget slot returns
+                        state.retries_in_flight -= 1
+                        holding = False
+                    failed.context_window = cand.context_window
+                    LOG.info(
+                        "request %s attempt %d on %s failed (%s): %s",
+                        ex.request_id,
+                        ex.attempts,
+                        cand.deployment.key,
+                        failed.outcome.value,
+                        failed.error.message,
+                    )
+                    if failed.outcome is Outcome.IGNORED and not (
+                        failed.info is not None and failed.info.context_window
+                    ):
+                        raise failed.error from None
+                    if failed.outcome is Outcome.RATE_LIMITED:
+                        retry_after = failed.info.retry_after if failed.info else None
+                        state.gates.close(gate_key, gate_seconds(retry_after))
+                    # A failed probe is not retried: the breaker has just learnt the upstream is
+                    # still down, and the client's time is better spent on the next candidate.
+                    wait = None if permit.probe else _retry_wait(failed, policy, state)
+                    if (
+                        wait is not None
+                        and retries < policy.same_deployment_retries
+                        and ex.attempts < policy.max_attempts
+                        and loop.time() + wait < deadline
+                        and state.retries_in_flight < _retry_budget(state, policy)
+                    ):
+                        retries += 1
+                        retried = failed
+                        state.metrics.retries.labels(cand.provider.name).inc()
+                        state.retries_in_flight += 1
+                        holding = True
+                        await asyncio.sleep(wait)  # backoff before the retry, not a test wait
+                        continue
+                    errors.append(failed)
+                    break
+        finally:
+            if holding:  # a retry that succeeded, or a request cancelled meanwhile
+                state.retries_in_flight -= 1
     raise _final_error(errors, open_waits, gate_waits)
 
 
@@ -376,7 +386,12 @@ def _retry_headers(seconds: float) -> dict[str, str]:
 
 
 async def _attempt(
-    ex: Exchange, cand: Candidate, index: int, breaker: CircuitBreaker, permit: Permit
+    ex: Exchange,
+    cand: Candidate,
+    index: int,
+    breaker: CircuitBreaker,
+    permit: Permit,
+    request_deadline: float,
 ) -> web.StreamResponse:
     state = ex.state
     pool = state.upstream
@@ -403,7 +418,7 @@ async def _attempt(
     ex.attempts += 1
     attempt = _Attempt(cand, index, breaker, permit, time.monotonic())
     try:
-        return await _send(ex, attempt, pool, req, adapter)
+        return await _send(ex, attempt, pool, req, adapter, request_deadline)
     except AttemptFailed as failed:
         retry_after = failed.info.retry_after if failed.info else None
         attempt.finish(ex, failed.outcome, retry_after)
@@ -425,12 +440,14 @@ async def _send(
     pool: UpstreamPool,
     req: UpstreamRequest,
     adapter: RequestAdapter,
+    request_deadline: float,
 ) -> web.StreamResponse:
     cand = attempt.cand
     timeouts = cand.provider.timeouts
     loop = asyncio.get_running_loop()
     sent = loop.time()
-    total_deadline = sent + timeouts.total
+    # The request's total deadline (breaker.md: the outermost layer) bounds every attempt.
+    total_deadline = min(sent + timeouts.total, request_deadline)
     phase = _Phase.CONNECT
     try:
         with ex.state.watchdog.guard(min(sent + timeouts.first_token, total_deadline)) as deadline:
@@ -441,7 +458,33 @@ async def _send(
                 phase = _Phase.FIRST_TOKEN
                 if resp.status >= 300:
                     raw = await resp.read(limit=ERROR_BODY_LIMIT)
+                    if resp.status < 400:
+                        # Redirects are not followed (a key must not travel to another host);
+                        # an upstream answering one is misconfigured: its failure, not the
+                        # caller's fault, so fail over instead of relaying a bare 3xx.
+                        raise AttemptFailed(
+                            UpstreamError(
+                                f"upstream {cand.deployment.key} answered HTTP {resp.status} "
+                                "(a redirect: check its base_url)"
+                            ),
+                            Outcome.FAILURE,
+                        )
+                    key = ex.state.keys.get(cand.provider.name)
+                    if key:  # upstreams echo bad credentials back: never relay our key
+                        raw = raw.replace(key.encode(), b"[redacted]")
                     info = adapter.classify_error(resp.status, resp.headers, raw)
+                    if resp.status in (401, 403) and info.outcome is Outcome.FAILURE:
+                        # The proxy's own key was refused: a configuration fault of the proxy,
+                        # not the client's credentials (which the client never sent upstream).
+                        raise AttemptFailed(
+                            UpstreamError(
+                                f"upstream {cand.deployment.key} refused the proxy's credentials "
+                                f"(HTTP {resp.status})",
+                                code="upstream_auth_failed",
+                            ),
+                            info.outcome,
+                            info,
+                        )
                     raise AttemptFailed(
                         _client_error(info), info.outcome, info, transient=info.transient
                     )
@@ -500,6 +543,9 @@ def _reply_object(ex: Exchange, attempt: _Attempt, raw: bytes) -> JSONDict:
             raise AttemptFailed(_client_error(exc.info), exc.info.outcome, exc.info) from None
         except ProxyError as exc:
             raise AttemptFailed(exc, Outcome.FAILURE) from None
+        except Exception as exc:  # a reply shape the translator did not expect
+            info = _unreadable(exc).info
+            raise AttemptFailed(_client_error(info), Outcome.FAILURE, info) from None
     try:
         obj: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -568,6 +614,15 @@ def _frames(payloads: list[str]) -> bytes:
     return b"".join(b"data: " + p.encode() + b"\n\n" for p in payloads)
 
 
+def _unreadable(exc: Exception) -> StreamError:
+    """A malformed upstream reply, as a failure of that upstream (never a proxy 500)."""
+    LOG.warning("unreadable upstream reply: %s: %s", type(exc).__name__, exc)
+    message = f"the upstream sent a reply the proxy cannot read ({type(exc).__name__})"
+    return StreamError(
+        ErrorInfo(outcome=Outcome.FAILURE, status=502, body=UpstreamError(message).to_dict())
+    )
+
+
 class ClientGone(Exception):
     """The client went away mid-stream: nothing to fail over to, nobody to answer."""
 
@@ -584,17 +639,27 @@ class _Relay:
         self._translator = translator
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._relay is not None:
-            return self._relay.feed(chunk)
-        if self._translator is not None:
-            return _frames(self._translator.feed(chunk))
+        try:
+            if self._relay is not None:
+                return self._relay.feed(chunk)
+            if self._translator is not None:
+                return _frames(self._translator.feed(chunk))
+        except StreamError:
+            raise
+        except Exception as exc:  # an event the translator cannot read: the upstream's fault
+            raise _unreadable(exc) from exc
         return b""
 
     def finish(self) -> bytes:
-        if self._relay is not None:
-            return self._relay.finish()
-        if self._translator is not None:
-            return _frames(self._translator.finish())
+        try:
+            if self._relay is not None:
+                return self._relay.finish()
+            if self._translator is not None:
+                return _frames(self._translator.finish())
+        except StreamError:
+            raise
+        except Exception as exc:
+            raise _unreadable(exc) from exc
         return b""
 
     @property
@@ -713,6 +778,9 @@ async def _relay_rest(
                     break
                 data = relay.feed(chunk)
                 if data:
+                    # A client slow to take the data is not an upstream stall: only the total
+                    # deadline runs while writing (the upstream is paused by backpressure).
+                    gap.reschedule(total_deadline)
                     await _write(out, data)
                 gap.reschedule(min(loop.time() + idle, total_deadline))
     except StreamError as exc:

@@ -46,13 +46,13 @@ class Settings:
     )
     log_level: str = "info"
     log_format: LogFormat = "text"
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # never in a log line
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     grace_period: float = DEFAULT_GRACE_PERIOD
     health_check_interval: float = 30.0
     reload_interval: float = 1.0
     # The process environment, kept for provider keys and breaker defaults (read once at start).
-    environ: Mapping[str, str] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)  # holds provider keys
 
 
 def parse_host_port(value: str, name: str) -> HostPort:

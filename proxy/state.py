@@ -48,11 +48,25 @@ REQUEST_INFO = web.RequestKey("cb_info", RequestInfo)
 
 
 def provider_keys(rules: RuleSet, environ: Mapping[str, str]) -> dict[str, str | None]:
-    """Provider name -> key from its ``api_key_env`` (None when unset or not configured)."""
-    return {
-        name: (environ.get(p.api_key_env) or None) if p.api_key_env else None
-        for name, p in rules.providers.items()
-    }
+    """Provider name -> key from its ``api_key_env`` (None when unset or not configured).
+
+    A key goes into a request head verbatim: surrounding whitespace (a Secret made with
+    ``echo``) is dropped, and a key that still holds anything but visible ASCII is refused,
+    since CR or LF in it would end the header early (header injection). Never log the value.
+    """
+    keys: dict[str, str | None] = {}
+    for name, p in rules.providers.items():
+        raw = environ.get(p.api_key_env) if p.api_key_env else None
+        key = raw.strip() if raw else None
+        if key and not (key.isascii() and key.isprintable()):
+            LOG.error(
+                "provider %s: %s holds characters an HTTP header cannot carry; ignoring it",
+                name,
+                p.api_key_env,
+            )
+            key = None
+        keys[name] = key or None
+    return keys
 
 
 @dataclass(eq=False)

@@ -42,10 +42,15 @@ MAX_IDLE_PER_ORIGIN = 256
 KEEPALIVE_SECONDS = 30.0  # under the 60-75 s idle timeouts of common servers and balancers
 HIGH_WATER = 1 << 20  # pause reading an upstream whose data the client is not taking
 LOW_WATER = 1 << 16
+# The keep-alive race shows within a round trip; a close later than this may follow a
+# request the server read and worked on, which must not be sent twice (POST is not idempotent).
+RESEND_WINDOW = 0.5
 HEAD_END = b"\r\n\r\n"
 HEX_DIGITS = b"0123456789abcdefABCDEF"
 CRLF = b"\r\n"
 NO_BODY_STATUSES = frozenset({204, 304})
+# Framing is this client's job: a caller-supplied copy would desynchronise the upstream.
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
 
 class UpstreamHTTPError(Exception):
@@ -451,10 +456,11 @@ class UpstreamPool:
         head = _request_head(method, target, host_header, headers, body)
         conn = self._take_idle(origin)
         if conn is not None:
+            sent = time.monotonic()
             try:
                 return await self._exchange(conn, head, body, method == "HEAD")
             except Disconnected:
-                if conn.got_bytes:
+                if conn.got_bytes or time.monotonic() - sent > RESEND_WINDOW:
                     raise
                 # The keep-alive race: the server closed the idle connection before it read
                 # the request, so nothing was processed. Once more, on a fresh connection.
@@ -511,7 +517,12 @@ def _request_head(
     method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None
 ) -> bytes:
     lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\x00" in value or ":" in name:
+            # Never the value in the message: it may be a provider key.
+            raise ValueError(f"refusing to send header {name!r}: CR, LF or NUL in its value")
+        if name.lower() not in FRAMING_HEADERS:
+            lines.append(f"{name}: {value}\r\n")
     if body is not None or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
     lines.append("\r\n")

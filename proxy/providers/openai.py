@@ -44,6 +44,18 @@ USAGE_MARK_SPACED = b'"usage": {'
 ERROR_MARK = b'"error"'
 FINISH_MARK = b'"finish_reason":"'
 FINISH_MARK_SPACED = b'"finish_reason": "'
+# Delta fields that are generated output: the first one is the commit point. Legacy
+# function calling, refusals, audio and the reasoning fields of vLLM/DeepSeek-style servers
+# stream for a long time without ``content``; holding them would run the first-token timer.
+CONTENT_DELTA_KEYS = (
+    "content",
+    "tool_calls",
+    "function_call",
+    "refusal",
+    "audio",
+    "reasoning_content",
+    "reasoning",
+)
 AFTER_COMMIT_MARKS = (
     USAGE_MARK,
     USAGE_MARK_SPACED,
@@ -147,6 +159,16 @@ def _event_json(event: bytes) -> Any:
     return None
 
 
+def _whole_event(event: bytes) -> bool:
+    """Is the text left at EOF a complete event: [DONE], comments, or parseable JSON data?"""
+    text = event.replace(b"\r\n", b"\n").strip()
+    if text.startswith(DONE_EVENT) or all(
+        line.startswith(b":") for line in text.split(b"\n") if line
+    ):
+        return True
+    return _event_json(text) is not None
+
+
 def _has_content(chunk: Any) -> bool:
     choices = chunk.get("choices") if isinstance(chunk, dict) else None
     if not isinstance(choices, list):
@@ -157,7 +179,7 @@ def _has_content(chunk: Any) -> bool:
         if choice.get("finish_reason"):
             return True
         delta = choice.get("delta")
-        if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
+        if isinstance(delta, dict) and any(delta.get(key) for key in CONTENT_DELTA_KEYS):
             return True
         if choice.get("text"):  # legacy completions stream
             return True
@@ -215,10 +237,13 @@ class OpenAIStreamRelay:
         self.relayed_bytes = 0  # after the commit point; sizes a token estimate
 
     def feed(self, data: bytes) -> bytes:
-        if b"\r" in data:
-            # CRLF-framed upstreams (some proxies): normalise so splitting is uniform.
-            data = data.replace(b"\r\n", b"\n")
-        buf = self._tail + data
+        tail = self._tail
+        buf = tail + data
+        if b"\r" in data or tail.endswith(b"\r"):
+            # CRLF-framed upstreams (some proxies): normalise so splitting is uniform. After
+            # joining the tail, so a CRLF split between two reads is seen whole (a trailing
+            # CR stays in the tail until its LF arrives).
+            buf = buf.replace(b"\r\n", b"\n")
         cut = buf.rfind(EVENT_SEP)
         if cut < 0:
             # Only whole events are forwarded: a client cannot use half an event anyway.
@@ -319,7 +344,9 @@ class OpenAIStreamRelay:
         """At upstream EOF: remaining bytes; StreamError when the stream was cut short."""
         rest = self._tail
         self._tail = b""
-        if rest.strip():
+        if rest.strip() and _whole_event(rest):
+            # A server may omit the blank line after its last event; a cut-off event
+            # (invalid JSON) is never forwarded: the client's SDK would fail parsing it.
             rest = self.feed(rest + EVENT_SEP) if not rest.endswith(EVENT_SEP) else self.feed(rest)
         else:
             rest = b""
