@@ -490,9 +490,8 @@ async def _send(
                     )
                 if not ex.stream:
                     attempt.first_token()
-                    deadline.reschedule(min(loop.time() + timeouts.idle, total_deadline))
                     phase = _Phase.IDLE
-                    raw = await resp.read()
+                    raw = await _read_body(resp, deadline, timeouts.idle, total_deadline)
                     obj = _reply_object(ex, attempt, raw)
                     attempt.finish(ex, Outcome.SUCCESS)  # before the headers read its state
                     return _plain_response(ex, attempt, resp.headers, raw, obj)
@@ -525,6 +524,18 @@ async def _send(
             UpstreamError(f"upstream {cand.deployment.key} failed: {type(exc).__name__}: {exc}"),
             Outcome.FAILURE,
         ) from None
+
+
+async def _read_body(resp: Response, deadline: Guard, idle: float, total_deadline: float) -> bytes:
+    """The whole body, with the idle deadline pushed forward at every piece that arrives."""
+    loop = asyncio.get_running_loop()
+    parts: list[bytes] = []
+    while True:
+        deadline.reschedule(min(loop.time() + idle, total_deadline))
+        piece = await resp.read_chunk()
+        if not piece:
+            return b"".join(parts)
+        parts.append(piece)
 
 
 def _reply_object(ex: Exchange, attempt: _Attempt, raw: bytes) -> JSONDict:
@@ -774,6 +785,7 @@ async def _relay_rest(
                 if not chunk:
                     tail = relay.finish()
                     if tail:
+                        gap.reschedule(total_deadline)  # the client's pace, not the upstream's
                         await _write(out, tail)
                     break
                 data = relay.feed(chunk)
