@@ -1042,3 +1042,27 @@ def test_a_tool_that_is_not_an_object_is_a_400_naming_it() -> None:
     with pytest.raises(InvalidRequest) as info:
         translate_request(body, "claude", False)
     assert info.value.param == "tools[0].type"
+
+
+def test_extended_thinking_commits_the_stream_without_leaking_thinking() -> None:
+    from proxy.providers.anthropic import AnthropicStreamTranslator
+
+    start = {
+        "type": "message_start",
+        "message": {"id": "msg_1", "usage": {"input_tokens": 3, "output_tokens": 0}},
+    }
+    thinking = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "thinking_delta", "thinking": "let me think"},
+    }
+    stream = b"".join(
+        f"event: {e['type']}\ndata: {orjson.dumps(e).decode()}\n\n".encode()
+        for e in (start, thinking)
+    )
+    translator = AnthropicStreamTranslator("claude", include_usage=False, created=1)
+    payloads = translator.feed(stream)
+    assert translator.has_content  # long thinking never runs into the first-token deadline
+    assert len(payloads) == 1
+    assert orjson.loads(payloads[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "let me think" not in payloads[0]

@@ -545,7 +545,11 @@ class AnthropicStreamTranslator:
             if index is not None and delta.get("partial_json"):
                 fragment = {"index": index, "function": {"arguments": delta["partial_json"]}}
                 self._emit({"tool_calls": [fragment]}, out)
-        # thinking_delta, signature_delta, citations_delta: no OpenAI counterpart
+        elif kind in ("thinking_delta", "signature_delta"):
+            # Extended thinking has no OpenAI counterpart, but the model is producing: that is
+            # the commit point, so long thinking never runs into the first-token deadline.
+            self._start(out)
+        # citations_delta: no OpenAI counterpart
 
     def _send_finish(self, out: list[str]) -> None:
         if self._finish_sent:
@@ -554,7 +558,23 @@ class AnthropicStreamTranslator:
         reason = STOP_REASONS.get(self._stop_reason or "", "stop")
         self._emit({}, out, finish_reason=reason)
 
+    def _start(self, out: list[str]) -> None:
+        """The first chunk, with the role, once; from here on the stream is committed."""
+        self._prepare_prefix()
+        if not self._role_sent:
+            self._role_sent = True
+            out.append(self._prefix + '{"role":"assistant","content":""}' + self._suffix)
+        self.has_content = True
+
     def _emit(self, delta: JSONDict, out: list[str], finish_reason: str | None = None) -> None:
+        self._prepare_prefix()
+        self._start(out)
+        suffix = self._suffix
+        if finish_reason is not None:
+            suffix = suffix.replace('"finish_reason":null', f'"finish_reason":"{finish_reason}"')
+        out.append(self._prefix + orjson.dumps(delta).decode() + suffix)
+
+    def _prepare_prefix(self) -> None:
         if not self._prefix:
             self._prefix = (
                 '{"id":' + orjson.dumps(self._id).decode() + ',"object":"chat.completion.chunk",'
@@ -562,14 +582,6 @@ class AnthropicStreamTranslator:
                 + orjson.dumps(self._model).decode()
                 + ',"choices":[{"index":0,"delta":'
             )
-        if not self._role_sent:
-            self._role_sent = True
-            out.append(self._prefix + '{"role":"assistant","content":""}' + self._suffix)
-        suffix = self._suffix
-        if finish_reason is not None:
-            suffix = suffix.replace('"finish_reason":null', f'"finish_reason":"{finish_reason}"')
-        out.append(self._prefix + orjson.dumps(delta).decode() + suffix)
-        self.has_content = True
 
     def _usage_chunk(self) -> str:
         return orjson.dumps(
