@@ -16,21 +16,20 @@ outcome, and either answer the client or move on. Invariants:
 - When every candidate failed, the client gets the first candidate's error;
   when every candidate was rate-limited, a 429 with the smallest Retry-After.
 
-Deadlines are ``proxy.deadline`` guards moved forward per phase (first token,
-then idle gaps, capped by the total): an attribute write, not a timer per chunk.
+The committed part of a stream lives in ``proxy.streaming``; the request and
+attempt records in ``proxy.exchange``. Deadlines are ``proxy.deadline``
+guards moved forward per phase (first token, then idle gaps, capped by the
+total): an attribute write, not a timer per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -42,25 +41,33 @@ from proxy.errors import (
     RateLimited,
     ServiceUnavailable,
     UpstreamError,
-    UpstreamHTTPError,
     UpstreamTimeout,
+)
+from proxy.exchange import (
+    Attempt,
+    AttemptFailed,
+    Exchange,
+    account,
+    base_headers,
+    client_error,
+    metadata,
+    relayed_headers,
+    reply_chars,
+    retry_headers,
 )
 from proxy.outcome import Outcome
 from proxy.providers.base import (
-    Endpoint,
-    ErrorInfo,
     JSONDict,
     RequestAdapter,
     StreamError,
-    StreamTranslator,
     UpstreamRequest,
-    Usage,
 )
-from proxy.providers.openai import OpenAIStreamRelay, parse_usage
+from proxy.providers.openai import parse_usage
 from proxy.ratelimit import gate_seconds
-from proxy.router import Candidate, RoutePlan
-from proxy.rules import RetryPolicy, RuleSet
+from proxy.router import Candidate
+from proxy.rules import RetryPolicy
 from proxy.state import ProxyState
+from proxy.streaming import ClientGone, stream, unreadable
 from proxy.upstream_http import (
     ConnectFailed,
     ConnectTimeout,
@@ -69,25 +76,13 @@ from proxy.upstream_http import (
     Response,
     UpstreamPool,
 )
-from proxy.usage import estimate_tokens
 
 LOG = logging.getLogger("cb_proxy.forward")
 
 ERROR_BODY_LIMIT = 256 * 1024  # an upstream error body larger than this is cut
-READ_CHUNK = 64 * 1024
-# Upstream response headers worth relaying: clients read rate-limit and timing headers.
-RELAYED_PREFIXES = ("x-ratelimit-", "openai-processing-ms", "openai-version")
 RETRY_BUDGET_FLOOR = 3
-# An OpenAI stream chunk carries ~150 bytes of JSON around a few characters of text;
-# used only to estimate tokens when an upstream streams without reporting usage.
-OPENAI_CHUNK_OVERHEAD_RATIO = 30
 DEFAULT_RETRY_AFTER = 1.0
 FORCED_OPEN_RETRY_AFTER = 60.0
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
 
 class _Phase:
@@ -95,136 +90,6 @@ class _Phase:
     FIRST_TOKEN = "first_token"
     IDLE = "idle"
     TOTAL = "total"
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One client request being served."""
-
-    request: web.Request
-    state: ProxyState
-    rules: RuleSet
-    endpoint: Endpoint
-    body: JSONDict
-    stream: bool
-    plan: RoutePlan
-    request_id: str
-    started: float
-    include_usage: bool = False
-    attempts: int = 0
-    upstream_seconds: float = 0.0
-    usage_estimated: bool = False
-    _route_header: str = ""
-
-    def route_header(self) -> str:
-        """``x-cb-route``, built once per request (the header and the body both carry it)."""
-        if not self._route_header:
-            self._route_header = self.plan.header()
-        return self._route_header
-
-
-class AttemptFailed(Exception):
-    """An attempt that ended before anything reached the client."""
-
-    def __init__(
-        self,
-        error: ProxyError,
-        outcome: Outcome,
-        info: ErrorInfo | None = None,
-        *,
-        transient: bool = False,
-    ) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.outcome = outcome
-        self.info = info
-        self.transient = transient
-        self.context_window: int | None = None  # of the candidate that failed
-
-
-class _Attempt:
-    """One upstream call: its candidate, breaker permit and timings."""
-
-    __slots__ = ("_done", "breaker", "cand", "index", "permit", "started", "ttft")
-
-    def __init__(
-        self, cand: Candidate, index: int, breaker: CircuitBreaker, permit: Permit, started: float
-    ) -> None:
-        self.cand = cand
-        self.index = index
-        self.breaker = breaker
-        self.permit = permit
-        self.started = started
-        self.ttft: float | None = None
-        self._done = False
-
-    def first_token(self) -> None:
-        if self.ttft is None:
-            self.ttft = time.monotonic() - self.started
-
-    def seconds(self, ex: Exchange) -> float:
-        elapsed = time.monotonic() - self.started
-        if not self._done:
-            self._done = True
-            ex.upstream_seconds += elapsed
-        return elapsed
-
-    def finish(self, ex: Exchange, outcome: Outcome, retry_after: float | None = None) -> None:
-        """Record the outcome once: breaker, metrics, time spent upstream."""
-        if self._done:
-            return
-        elapsed = self.seconds(ex)
-        latency = self.ttft if self.ttft is not None else elapsed
-        self.breaker.record(self.permit, outcome, latency * 1000.0, retry_after)
-        state = ex.state
-        state.record_attempt(
-            self.cand.provider, self.cand.deployment.model, outcome.value, elapsed, self.ttft
-        )
-        if self.index > 0 and outcome is Outcome.SUCCESS:
-            primary = ex.plan.candidates[0].provider.name
-            state.metrics.fallbacks.labels(primary, self.cand.provider.name).inc()
-
-
-def _client_error(info: ErrorInfo) -> ProxyError:
-    headers: dict[str, str] = {}
-    if info.retry_after is not None:
-        # Rounded up: a client told to come back sooner than the upstream asked just fails again.
-        headers.update(_retry_headers(info.retry_after))
-    return UpstreamHTTPError(info.status, info.body, headers=headers)
-
-
-def _base_headers(ex: Exchange, attempt: _Attempt) -> dict[str, str]:
-    cand = attempt.cand
-    dep = cand.deployment
-    return {
-        "x-request-id": ex.request_id,
-        "x-cb-provider": cand.provider.name,
-        "x-cb-model": dep.upstream_model,
-        "x-cb-upstream": dep.key,
-        "x-cb-attempts": str(ex.attempts),
-        "x-cb-fallback": "true" if attempt.index > 0 else "false",
-        "x-cb-breaker-state": attempt.breaker.state.value,
-        "x-cb-route": ex.route_header(),
-    }
-
-
-def _metadata(ex: Exchange, attempt: _Attempt, cost: float) -> JSONDict:
-    cand = attempt.cand
-    return {
-        "provider": cand.provider.name,
-        "model": cand.deployment.upstream_model,
-        "upstream": cand.deployment.key,
-        "fallback_used": attempt.index > 0,
-        "attempts": ex.attempts,
-        "breaker_state": attempt.breaker.state.value,
-        "cost_usd": cost,
-        "usage_estimated": ex.usage_estimated,
-        "route": ex.route_header(),
-    }
-
-
-def _relayed(upstream: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in upstream.items() if k.lower().startswith(RELAYED_PREFIXES)}
 
 
 async def serve(ex: Exchange) -> web.StreamResponse:
@@ -366,23 +231,16 @@ def _final_error(
             wait = min(waits) if waits else DEFAULT_RETRY_AFTER
             return RateLimited(
                 "every upstream for this model is rate-limited; retry later",
-                headers=_retry_headers(wait),
+                headers=retry_headers(wait),
             )
     if open_waits or gate_waits:
         wait = min(open_waits + gate_waits)
         return ServiceUnavailable(
             "every upstream for this model is unavailable (circuit breaker open); retry later",
             code="circuit_open",
-            headers=_retry_headers(wait),
+            headers=retry_headers(wait),
         )
     return UpstreamError("no candidate could be tried")
-
-
-def _retry_headers(seconds: float) -> dict[str, str]:
-    return {
-        "retry-after": str(max(1, math.ceil(seconds))),
-        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
-    }
 
 
 async def _attempt(
@@ -416,7 +274,7 @@ async def _attempt(
         breaker.release(permit)  # a bug in a translator must not hold a probe slot forever
         raise
     ex.attempts += 1
-    attempt = _Attempt(cand, index, breaker, permit, time.monotonic())
+    attempt = Attempt(cand, index, breaker, permit, time.monotonic())
     try:
         return await _send(ex, attempt, pool, req, adapter, request_deadline)
     except AttemptFailed as failed:
@@ -436,7 +294,7 @@ async def _attempt(
 
 async def _send(
     ex: Exchange,
-    attempt: _Attempt,
+    attempt: Attempt,
     pool: UpstreamPool,
     req: UpstreamRequest,
     adapter: RequestAdapter,
@@ -486,7 +344,7 @@ async def _send(
                             info,
                         )
                     raise AttemptFailed(
-                        _client_error(info), info.outcome, info, transient=info.transient
+                        client_error(info), info.outcome, info, transient=info.transient
                     )
                 if not ex.stream:
                     attempt.first_token()
@@ -495,7 +353,7 @@ async def _send(
                     obj = _reply_object(ex, attempt, raw)
                     attempt.finish(ex, Outcome.SUCCESS)  # before the headers read its state
                     return _plain_response(ex, attempt, resp.headers, raw, obj)
-                return await _stream(ex, attempt, resp, deadline, total_deadline)
+                return await stream(ex, attempt, resp, deadline, total_deadline)
     except TimeoutError:
         what = {
             _Phase.CONNECT: "waiting for the response headers",
@@ -538,7 +396,7 @@ async def _read_body(resp: Response, deadline: Guard, idle: float, total_deadlin
         parts.append(piece)
 
 
-def _reply_object(ex: Exchange, attempt: _Attempt, raw: bytes) -> JSONDict:
+def _reply_object(ex: Exchange, attempt: Attempt, raw: bytes) -> JSONDict:
     """The upstream's 2xx body as an OpenAI response object; AttemptFailed if unusable."""
     cand = attempt.cand
     if cand.provider.type != "openai":
@@ -551,12 +409,12 @@ def _reply_object(ex: Exchange, attempt: _Attempt, raw: bytes) -> JSONDict:
                 request_body=ex.body,
             )
         except StreamError as exc:  # a 2xx that is an error after all (blocked, malformed)
-            raise AttemptFailed(_client_error(exc.info), exc.info.outcome, exc.info) from None
+            raise AttemptFailed(client_error(exc.info), exc.info.outcome, exc.info) from None
         except ProxyError as exc:
             raise AttemptFailed(exc, Outcome.FAILURE) from None
         except Exception as exc:  # a reply shape the translator did not expect
-            info = _unreadable(exc).info
-            raise AttemptFailed(_client_error(info), Outcome.FAILURE, info) from None
+            info = unreadable(exc).info
+            raise AttemptFailed(client_error(info), Outcome.FAILURE, info) from None
     try:
         obj: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -571,250 +429,25 @@ def _reply_object(ex: Exchange, attempt: _Attempt, raw: bytes) -> JSONDict:
 
 def _plain_response(
     ex: Exchange,
-    attempt: _Attempt,
+    attempt: Attempt,
     upstream_headers: Mapping[str, str],
     raw: bytes,
     obj: JSONDict,
 ) -> web.Response:
     cand = attempt.cand
     usage = parse_usage(obj)
-    cost = _account(ex, cand, usage, 0 if usage is not None else _reply_chars(obj))
-    headers = _base_headers(ex, attempt)
-    headers.update(_relayed(upstream_headers))
+    cost = account(ex, cand, usage, 0 if usage is not None else reply_chars(obj))
+    headers = base_headers(ex, attempt)
+    headers.update(relayed_headers(upstream_headers))
     headers["x-cb-cost-usd"] = f"{cost:.8f}"
     if ex.usage_estimated:
         headers["x-cb-usage-estimated"] = "true"
     if ex.rules.defaults.response_metadata:
-        obj["circuit_breaker"] = _metadata(ex, attempt, cost)
+        obj["circuit_breaker"] = metadata(ex, attempt, cost)
         body = orjson.dumps(obj)
     else:
         body = raw if cand.provider.type == "openai" else orjson.dumps(obj)
     return web.Response(body=body, content_type="application/json", headers=headers)
-
-
-def _account(
-    ex: Exchange, cand: Candidate, usage: Usage | None, completion_chars: int = 0
-) -> float:
-    """Account the request's tokens and cost; estimate them when the upstream reported none."""
-    if usage is not None:
-        return ex.state.account(cand.deployment, usage)
-    ex.usage_estimated = True
-    estimate = Usage(ex.plan.prompt_tokens, estimate_tokens(completion_chars))
-    return ex.state.account(cand.deployment, estimate, estimated=True)
-
-
-def _reply_chars(obj: JSONDict) -> int:
-    """Characters of generated text in a reply, for a token estimate when usage is missing."""
-    total = 0
-    choices = obj.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        if not isinstance(choice, dict):
-            continue
-        message = choice.get("message")
-        text = message.get("content") if isinstance(message, dict) else choice.get("text")
-        if isinstance(text, str):
-            total += len(text)
-    return total
-
-
-def _error_frame(error: JSONDict) -> bytes:
-    return b"data: " + orjson.dumps(error) + b"\n\n"
-
-
-def _frames(payloads: list[str]) -> bytes:
-    return b"".join(b"data: " + p.encode() + b"\n\n" for p in payloads)
-
-
-def _unreadable(exc: Exception) -> StreamError:
-    """A malformed upstream reply, as a failure of that upstream (never a proxy 500)."""
-    LOG.warning("unreadable upstream reply: %s: %s", type(exc).__name__, exc)
-    message = f"the upstream sent a reply the proxy cannot read ({type(exc).__name__})"
-    return StreamError(
-        ErrorInfo(outcome=Outcome.FAILURE, status=502, body=UpstreamError(message).to_dict())
-    )
-
-
-class ClientGone(Exception):
-    """The client went away mid-stream: nothing to fail over to, nobody to answer."""
-
-
-class _Relay:
-    """One interface over the OpenAI byte relay and the translating stream adapters."""
-
-    __slots__ = ("_relay", "_translator")
-
-    def __init__(
-        self, relay: OpenAIStreamRelay | None, translator: StreamTranslator | None
-    ) -> None:
-        self._relay = relay
-        self._translator = translator
-
-    def feed(self, chunk: bytes) -> bytes:
-        try:
-            if self._relay is not None:
-                return self._relay.feed(chunk)
-            if self._translator is not None:
-                return _frames(self._translator.feed(chunk))
-        except StreamError:
-            raise
-        except Exception as exc:  # an event the translator cannot read: the upstream's fault
-            raise _unreadable(exc) from exc
-        return b""
-
-    def finish(self) -> bytes:
-        try:
-            if self._relay is not None:
-                return self._relay.finish()
-            if self._translator is not None:
-                return _frames(self._translator.finish())
-        except StreamError:
-            raise
-        except Exception as exc:
-            raise _unreadable(exc) from exc
-        return b""
-
-    @property
-    def has_content(self) -> bool:
-        if self._relay is not None:
-            return self._relay.has_content or self._relay.finished
-        return self._translator is not None and (
-            self._translator.has_content or self._translator.finished
-        )
-
-    @property
-    def content_chars(self) -> int:
-        """Bytes relayed after the commit point: a rough size of the generated text."""
-        if self._relay is not None:
-            return self._relay.relayed_bytes // OPENAI_CHUNK_OVERHEAD_RATIO
-        return 0
-
-    @property
-    def usage(self) -> Usage | None:
-        if self._relay is not None:
-            return self._relay.usage
-        return self._translator.usage if self._translator is not None else None
-
-
-async def _write(out: web.StreamResponse, data: bytes) -> None:
-    try:
-        await out.write(data)
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-        raise ClientGone(str(exc)) from exc
-
-
-async def _stream(
-    ex: Exchange,
-    attempt: _Attempt,
-    resp: Response,
-    deadline: Guard,
-    total_deadline: float,
-) -> web.StreamResponse:
-    cand = attempt.cand
-    if cand.provider.type == "openai":
-        relay = _Relay(OpenAIStreamRelay(strip_usage=not ex.include_usage), None)
-    else:
-        adapter = ex.state.translators[cand.provider.type]
-        relay = _Relay(
-            None,
-            adapter.stream_translator(
-                ex.endpoint, cand.deployment, cand.deployment.upstream_model, ex.include_usage
-            ),
-        )
-
-    # Phase 1: hold everything until the first content event; failures here fail over.
-    # The caller's deadline (first token) applies; its TimeoutError is handled there.
-    pending = b""
-    try:
-        while not relay.has_content:
-            chunk = await resp.read_chunk()
-            if not chunk:
-                pending += relay.finish()
-                break
-            pending += relay.feed(chunk)
-    except StreamError as exc:
-        raise AttemptFailed(
-            _client_error(exc.info), exc.info.outcome, exc.info, transient=exc.info.transient
-        ) from None
-    except PayloadError as exc:
-        raise AttemptFailed(
-            UpstreamError(f"upstream {cand.deployment.key} dropped the stream before content"),
-            Outcome.FAILURE,
-        ) from exc
-    attempt.first_token()
-
-    # Commit: the client gets a 200 and there is no failover from here on.
-    deadline.reschedule(None)
-    headers = _base_headers(ex, attempt)
-    headers.update(_relayed(resp.headers))
-    out = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
-    try:
-        try:
-            await out.prepare(ex.request)
-        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-            raise ClientGone(str(exc)) from exc
-        outcome = await _relay_rest(ex, attempt, relay, resp, out, pending, total_deadline)
-    except ClientGone:
-        LOG.info("request %s: the client went away mid-stream", ex.request_id)
-        outcome = Outcome.IGNORED
-    attempt.finish(ex, outcome)
-    _account(ex, cand, relay.usage, relay.content_chars)
-    return out
-
-
-async def _relay_rest(
-    ex: Exchange,
-    attempt: _Attempt,
-    relay: _Relay,
-    resp: Response,
-    out: web.StreamResponse,
-    pending: bytes,
-    total_deadline: float,
-) -> Outcome:
-    """Relay the committed stream to its end; the outcome is the upstream's."""
-    loop = asyncio.get_running_loop()
-    cand = attempt.cand
-    idle = cand.provider.timeouts.idle
-    if pending:
-        await _write(out, pending)
-    failure: JSONDict | None = None
-    try:
-        # One timer for the rest of the stream, pushed forward at every chunk (idle gap).
-        with ex.state.watchdog.guard(min(loop.time() + idle, total_deadline)) as gap:
-            while True:
-                chunk = await resp.read_chunk()
-                if not chunk:
-                    tail = relay.finish()
-                    if tail:
-                        gap.reschedule(total_deadline)  # the client's pace, not the upstream's
-                        await _write(out, tail)
-                    break
-                data = relay.feed(chunk)
-                if data:
-                    # A client slow to take the data is not an upstream stall: only the total
-                    # deadline runs while writing (the upstream is paused by backpressure).
-                    gap.reschedule(total_deadline)
-                    await _write(out, data)
-                gap.reschedule(min(loop.time() + idle, total_deadline))
-    except StreamError as exc:
-        failure = exc.info.body
-    except TimeoutError:
-        failure = UpstreamTimeout(
-            f"upstream {cand.deployment.key} stalled mid-stream (no data for {idle:g} s)"
-            if loop.time() < total_deadline
-            else f"upstream {cand.deployment.key} exceeded the total deadline"
-        ).to_dict()
-    except PayloadError as exc:
-        failure = UpstreamError(
-            f"upstream {cand.deployment.key} dropped the stream ({type(exc).__name__})"
-        ).to_dict()
-    if failure is not None:
-        # Never a silent truncated 200: one in-band error event, then the end.
-        await _write(out, _error_frame(failure))
-    try:
-        await out.write_eof()
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-        raise ClientGone(str(exc)) from exc
-    return Outcome.FAILURE if failure is not None else Outcome.SUCCESS
 
 
 __all__ = ["AttemptFailed", "ClientGone", "Exchange", "serve"]

@@ -1,0 +1,188 @@
+"""One client request being served, and one upstream attempt of it.
+
+``Exchange`` carries the request through the candidate loop; ``Attempt``
+records a single upstream call's outcome exactly once (breaker, metrics,
+time upstream). The response headers and the ``circuit_breaker`` body object
+are built here, from the same facts, so they always agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.breaker import CircuitBreaker, Permit
+from proxy.errors import ProxyError, UpstreamHTTPError
+from proxy.outcome import Outcome
+from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, Usage
+from proxy.router import Candidate, RoutePlan
+from proxy.rules import RuleSet
+from proxy.state import ProxyState
+from proxy.usage import estimate_tokens
+
+# Upstream response headers worth relaying: clients read rate-limit and timing headers.
+RELAYED_PREFIXES = ("x-ratelimit-", "openai-processing-ms", "openai-version")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request being served."""
+
+    request: web.Request
+    state: ProxyState
+    rules: RuleSet
+    endpoint: Endpoint
+    body: JSONDict
+    stream: bool
+    plan: RoutePlan
+    request_id: str
+    started: float
+    include_usage: bool = False
+    attempts: int = 0
+    upstream_seconds: float = 0.0
+    usage_estimated: bool = False
+    _route_header: str = ""
+
+    def route_header(self) -> str:
+        """``x-cb-route``, built once per request (the header and the body both carry it)."""
+        if not self._route_header:
+            self._route_header = self.plan.header()
+        return self._route_header
+
+
+class AttemptFailed(Exception):
+    """An attempt that ended before anything reached the client."""
+
+    def __init__(
+        self,
+        error: ProxyError,
+        outcome: Outcome,
+        info: ErrorInfo | None = None,
+        *,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.outcome = outcome
+        self.info = info
+        self.transient = transient
+        self.context_window: int | None = None  # of the candidate that failed
+
+
+class Attempt:
+    """One upstream call: its candidate, breaker permit and timings."""
+
+    __slots__ = ("_done", "breaker", "cand", "index", "permit", "started", "ttft")
+
+    def __init__(
+        self, cand: Candidate, index: int, breaker: CircuitBreaker, permit: Permit, started: float
+    ) -> None:
+        self.cand = cand
+        self.index = index
+        self.breaker = breaker
+        self.permit = permit
+        self.started = started
+        self.ttft: float | None = None
+        self._done = False
+
+    def first_token(self) -> None:
+        if self.ttft is None:
+            self.ttft = time.monotonic() - self.started
+
+    def seconds(self, ex: Exchange) -> float:
+        elapsed = time.monotonic() - self.started
+        if not self._done:
+            self._done = True
+            ex.upstream_seconds += elapsed
+        return elapsed
+
+    def finish(self, ex: Exchange, outcome: Outcome, retry_after: float | None = None) -> None:
+        """Record the outcome once: breaker, metrics, time spent upstream."""
+        if self._done:
+            return
+        elapsed = self.seconds(ex)
+        latency = self.ttft if self.ttft is not None else elapsed
+        self.breaker.record(self.permit, outcome, latency * 1000.0, retry_after)
+        state = ex.state
+        state.record_attempt(
+            self.cand.provider, self.cand.deployment.model, outcome.value, elapsed, self.ttft
+        )
+        if self.index > 0 and outcome is Outcome.SUCCESS:
+            primary = ex.plan.candidates[0].provider.name
+            state.metrics.fallbacks.labels(primary, self.cand.provider.name).inc()
+
+
+def client_error(info: ErrorInfo) -> ProxyError:
+    headers: dict[str, str] = {}
+    if info.retry_after is not None:
+        # Rounded up: a client told to come back sooner than the upstream asked just fails again.
+        headers.update(retry_headers(info.retry_after))
+    return UpstreamHTTPError(info.status, info.body, headers=headers)
+
+
+def base_headers(ex: Exchange, attempt: Attempt) -> dict[str, str]:
+    cand = attempt.cand
+    dep = cand.deployment
+    return {
+        "x-request-id": ex.request_id,
+        "x-cb-provider": cand.provider.name,
+        "x-cb-model": dep.upstream_model,
+        "x-cb-upstream": dep.key,
+        "x-cb-attempts": str(ex.attempts),
+        "x-cb-fallback": "true" if attempt.index > 0 else "false",
+        "x-cb-breaker-state": attempt.breaker.state.value,
+        "x-cb-route": ex.route_header(),
+    }
+
+
+def metadata(ex: Exchange, attempt: Attempt, cost: float) -> JSONDict:
+    cand = attempt.cand
+    return {
+        "provider": cand.provider.name,
+        "model": cand.deployment.upstream_model,
+        "upstream": cand.deployment.key,
+        "fallback_used": attempt.index > 0,
+        "attempts": ex.attempts,
+        "breaker_state": attempt.breaker.state.value,
+        "cost_usd": cost,
+        "usage_estimated": ex.usage_estimated,
+        "route": ex.route_header(),
+    }
+
+
+def relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in upstream.items() if k.lower().startswith(RELAYED_PREFIXES)}
+
+
+def retry_headers(seconds: float) -> dict[str, str]:
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }
+
+
+def account(ex: Exchange, cand: Candidate, usage: Usage | None, completion_chars: int = 0) -> float:
+    """Account the request's tokens and cost; estimate them when the upstream reported none."""
+    if usage is not None:
+        return ex.state.account(cand.deployment, usage)
+    ex.usage_estimated = True
+    estimate = Usage(ex.plan.prompt_tokens, estimate_tokens(completion_chars))
+    return ex.state.account(cand.deployment, estimate, estimated=True)
+
+
+def reply_chars(obj: JSONDict) -> int:
+    """Characters of generated text in a reply, for a token estimate when usage is missing."""
+    total = 0
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else choice.get("text")
+        if isinstance(text, str):
+            total += len(text)
+    return total

@@ -1,0 +1,244 @@
+"""A committed stream: relayed from the upstream to the client until its end.
+
+Before the commit point ``forward`` holds everything, so a failing stream can
+still fail over; from the first content event on, this module owns the
+client's response: every chunk is relayed as it comes, the idle deadline
+moves forward with the upstream's pace (never the client's), and an upstream
+failure becomes one in-band ``data: {"error": ...}`` event and the end of the
+body, never a silent, truncated 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.deadline import Guard
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.exchange import (
+    Attempt,
+    AttemptFailed,
+    Exchange,
+    account,
+    base_headers,
+    client_error,
+    relayed_headers,
+)
+from proxy.outcome import Outcome
+from proxy.providers.base import ErrorInfo, JSONDict, StreamError, StreamTranslator, Usage
+from proxy.providers.openai import OpenAIStreamRelay
+from proxy.upstream_http import PayloadError, Response
+
+LOG = logging.getLogger("cb_proxy.forward")
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+# An OpenAI stream chunk carries ~150 bytes of JSON around a few characters of text;
+# used only to estimate tokens when an upstream streams without reporting usage.
+OPENAI_CHUNK_OVERHEAD_RATIO = 30
+
+
+def error_frame(error: JSONDict) -> bytes:
+    return b"data: " + orjson.dumps(error) + b"\n\n"
+
+
+def frames(payloads: list[str]) -> bytes:
+    return b"".join(b"data: " + p.encode() + b"\n\n" for p in payloads)
+
+
+def unreadable(exc: Exception) -> StreamError:
+    """A malformed upstream reply, as a failure of that upstream (never a proxy 500)."""
+    LOG.warning("unreadable upstream reply: %s: %s", type(exc).__name__, exc)
+    message = f"the upstream sent a reply the proxy cannot read ({type(exc).__name__})"
+    return StreamError(
+        ErrorInfo(outcome=Outcome.FAILURE, status=502, body=UpstreamError(message).to_dict())
+    )
+
+
+class ClientGone(Exception):
+    """The client went away mid-stream: nothing to fail over to, nobody to answer."""
+
+
+class StreamRelay:
+    """One interface over the OpenAI byte relay and the translating stream adapters."""
+
+    __slots__ = ("_relay", "_translator")
+
+    def __init__(
+        self, relay: OpenAIStreamRelay | None, translator: StreamTranslator | None
+    ) -> None:
+        self._relay = relay
+        self._translator = translator
+
+    def feed(self, chunk: bytes) -> bytes:
+        try:
+            if self._relay is not None:
+                return self._relay.feed(chunk)
+            if self._translator is not None:
+                return frames(self._translator.feed(chunk))
+        except StreamError:
+            raise
+        except Exception as exc:  # an event the translator cannot read: the upstream's fault
+            raise unreadable(exc) from exc
+        return b""
+
+    def finish(self) -> bytes:
+        try:
+            if self._relay is not None:
+                return self._relay.finish()
+            if self._translator is not None:
+                return frames(self._translator.finish())
+        except StreamError:
+            raise
+        except Exception as exc:
+            raise unreadable(exc) from exc
+        return b""
+
+    @property
+    def has_content(self) -> bool:
+        if self._relay is not None:
+            return self._relay.has_content or self._relay.finished
+        return self._translator is not None and (
+            self._translator.has_content or self._translator.finished
+        )
+
+    @property
+    def content_chars(self) -> int:
+        """Bytes relayed after the commit point: a rough size of the generated text."""
+        if self._relay is not None:
+            return self._relay.relayed_bytes // OPENAI_CHUNK_OVERHEAD_RATIO
+        return 0
+
+    @property
+    def usage(self) -> Usage | None:
+        if self._relay is not None:
+            return self._relay.usage
+        return self._translator.usage if self._translator is not None else None
+
+
+async def write(out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone(str(exc)) from exc
+
+
+async def stream(
+    ex: Exchange,
+    attempt: Attempt,
+    resp: Response,
+    deadline: Guard,
+    total_deadline: float,
+) -> web.StreamResponse:
+    cand = attempt.cand
+    if cand.provider.type == "openai":
+        relay = StreamRelay(OpenAIStreamRelay(strip_usage=not ex.include_usage), None)
+    else:
+        adapter = ex.state.translators[cand.provider.type]
+        relay = StreamRelay(
+            None,
+            adapter.stream_translator(
+                ex.endpoint, cand.deployment, cand.deployment.upstream_model, ex.include_usage
+            ),
+        )
+
+    # Phase 1: hold everything until the first content event; failures here fail over.
+    # The caller's deadline (first token) applies; its TimeoutError is handled there.
+    pending = b""
+    try:
+        while not relay.has_content:
+            chunk = await resp.read_chunk()
+            if not chunk:
+                pending += relay.finish()
+                break
+            pending += relay.feed(chunk)
+    except StreamError as exc:
+        raise AttemptFailed(
+            client_error(exc.info), exc.info.outcome, exc.info, transient=exc.info.transient
+        ) from None
+    except PayloadError as exc:
+        raise AttemptFailed(
+            UpstreamError(f"upstream {cand.deployment.key} dropped the stream before content"),
+            Outcome.FAILURE,
+        ) from exc
+    attempt.first_token()
+
+    # Commit: the client gets a 200 and there is no failover from here on.
+    deadline.reschedule(None)
+    headers = base_headers(ex, attempt)
+    headers.update(relayed_headers(resp.headers))
+    out = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    try:
+        try:
+            await out.prepare(ex.request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone(str(exc)) from exc
+        outcome = await relay_rest(ex, attempt, relay, resp, out, pending, total_deadline)
+    except ClientGone:
+        LOG.info("request %s: the client went away mid-stream", ex.request_id)
+        outcome = Outcome.IGNORED
+    attempt.finish(ex, outcome)
+    account(ex, cand, relay.usage, relay.content_chars)
+    return out
+
+
+async def relay_rest(
+    ex: Exchange,
+    attempt: Attempt,
+    relay: StreamRelay,
+    resp: Response,
+    out: web.StreamResponse,
+    pending: bytes,
+    total_deadline: float,
+) -> Outcome:
+    """Relay the committed stream to its end; the outcome is the upstream's."""
+    loop = asyncio.get_running_loop()
+    cand = attempt.cand
+    idle = cand.provider.timeouts.idle
+    if pending:
+        await write(out, pending)
+    failure: JSONDict | None = None
+    try:
+        # One timer for the rest of the stream, pushed forward at every chunk (idle gap).
+        with ex.state.watchdog.guard(min(loop.time() + idle, total_deadline)) as gap:
+            while True:
+                chunk = await resp.read_chunk()
+                if not chunk:
+                    tail = relay.finish()
+                    if tail:
+                        gap.reschedule(total_deadline)  # the client's pace, not the upstream's
+                        await write(out, tail)
+                    break
+                data = relay.feed(chunk)
+                if data:
+                    # A client slow to take the data is not an upstream stall: only the total
+                    # deadline runs while writing (the upstream is paused by backpressure).
+                    gap.reschedule(total_deadline)
+                    await write(out, data)
+                gap.reschedule(min(loop.time() + idle, total_deadline))
+    except StreamError as exc:
+        failure = exc.info.body
+    except TimeoutError:
+        failure = UpstreamTimeout(
+            f"upstream {cand.deployment.key} stalled mid-stream (no data for {idle:g} s)"
+            if loop.time() < total_deadline
+            else f"upstream {cand.deployment.key} exceeded the total deadline"
+        ).to_dict()
+    except PayloadError as exc:
+        failure = UpstreamError(
+            f"upstream {cand.deployment.key} dropped the stream ({type(exc).__name__})"
+        ).to_dict()
+    if failure is not None:
+        # Never a silent truncated 200: one in-band error event, then the end.
+        await write(out, error_frame(failure))
+    try:
+        await out.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone(str(exc)) from exc
+    return Outcome.FAILURE if failure is not None else Outcome.SUCCESS
