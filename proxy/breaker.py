@@ -25,8 +25,8 @@ Invariants, true between any two calls:
    would have rejected is counted in ``would_block`` and carries no weight.
    Forced-open rejects in both modes: an explicit admin order outranks the
    rollout switch. Disabled grants everything and records nothing.
-7. The window holds exactly the 1 s buckets (head - size, head]; its running
-   totals equal the sum over its buckets.
+7. The sliding window (``proxy.window``) holds exactly the 1 s buckets
+   (head - size, head]; its running totals equal the sum over its buckets.
 8. ``error_rate()`` is in [0, 1], or -1 below ``min_throughput``;
    ``success_ratio()`` is in [0, 1] or -1 with no calls; ``latency_p95_ms()``
    is positive or -1 with no samples.
@@ -41,16 +41,15 @@ import math
 import os
 import random
 import time
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from itertools import accumulate
 from typing import Any, ParamSpec, TypeVar
 
 from proxy.errors import ServiceUnavailable
 from proxy.metrics import STATE_VALUES, BreakerView
 from proxy.outcome import Outcome
 from proxy.rules import BreakerOverrides
+from proxy.window import Window
 
 # A failing reply's Retry-After extends an open period, but never beyond this:
 # a buggy upstream asking for a day must not idle it for a day (health checks
@@ -58,17 +57,8 @@ from proxy.rules import BreakerOverrides
 MAX_RETRY_AFTER_OPEN_SECONDS = 300.0
 # Retry hint when half-open has no free probe slot: probes usually answer fast.
 HALF_OPEN_RETRY_HINT_SECONDS = 1.0
-# p95 comes from a log-scale histogram: bin i holds [R^i, R^(i+1)) ms, so the
-# reported value is within about 5 % of the true one, and reading it is a
-# cumulative sum over a fixed, small array.
-LATENCY_BIN_RATIO = 1.1
-LATENCY_BINS = 150  # 1.1^150 ms is about 27 minutes: beyond any upstream timeout
-LATENCY_QUANTILE = 0.95
 MAX_BACKOFF_EXPONENT = 32  # 2^32 * open_seconds is beyond any cap; avoids float overflow
 
-_LOG_RATIO = math.log(LATENCY_BIN_RATIO)
-_MAX_BIN_MS = LATENCY_BIN_RATIO ** (LATENCY_BINS - 1)
-_BIN_VALUES = tuple(LATENCY_BIN_RATIO ** (i + 0.5) for i in range(LATENCY_BINS))
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -270,114 +260,6 @@ class Permit:
         self.done = False
 
 
-class _Bucket:
-    __slots__ = ("calls", "failures", "latency", "slow")
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.failures = 0
-        self.slow = 0
-        self.latency: dict[int, int] = {}  # histogram bin -> samples; sparse, few bins per second
-
-    def reset(self) -> None:
-        self.calls = self.failures = self.slow = 0
-        self.latency = {}
-
-
-def _latency_bin(ms: float) -> int:
-    if not ms >= LATENCY_BIN_RATIO:  # also catches NaN
-        return 0
-    if ms >= _MAX_BIN_MS:
-        return LATENCY_BINS - 1
-    return int(math.log(ms) / _LOG_RATIO)
-
-
-class _Window:
-    """Sliding counts over the last ``size`` whole seconds, with running totals."""
-
-    __slots__ = (
-        "_head",
-        "_hist",
-        "_p95",
-        "_ring",
-        "_samples",
-        "_size",
-        "calls",
-        "failures",
-        "slow",
-    )
-
-    def __init__(self, seconds: float) -> None:
-        self._size = max(1, math.ceil(seconds))
-        self._ring = [_Bucket() for _ in range(self._size)]
-        self._hist = [0] * LATENCY_BINS  # sum of the buckets' sparse histograms
-        self._head: int | None = None  # newest second held; None = empty
-        self._samples = 0
-        self._p95: float | None = None  # cached until the histogram changes
-        self.calls = self.failures = self.slow = 0
-
-    def clear(self) -> None:
-        for bucket in self._ring:
-            bucket.reset()
-        self._hist[:] = [0] * LATENCY_BINS
-        self._head = None
-        self._samples = 0
-        self._p95 = None
-        self.calls = self.failures = self.slow = 0
-
-    def roll(self, now: float) -> _Bucket:
-        """Evict the seconds that left the window at ``now``; return the current bucket."""
-        sec = math.floor(now)
-        head = self._head
-        if head is None or sec - head >= self._size:
-            if head is not None:
-                self.clear()
-            self._head = head = sec
-        elif sec > head:
-            for s in range(head + 1, sec + 1):
-                self._evict(self._ring[s % self._size])
-            self._head = head = sec
-        return self._ring[head % self._size]
-
-    def _evict(self, bucket: _Bucket) -> None:
-        if not bucket.calls:
-            return
-        self.calls -= bucket.calls
-        self.failures -= bucket.failures
-        self.slow -= bucket.slow
-        if bucket.latency:
-            for index, count in bucket.latency.items():
-                self._hist[index] -= count
-                self._samples -= count
-            self._p95 = None
-        bucket.reset()
-
-    def add(self, now: float, failed: bool, slow: bool, latency_ms: float | None) -> None:
-        bucket = self.roll(now)
-        bucket.calls += 1
-        self.calls += 1
-        if failed:
-            bucket.failures += 1
-            self.failures += 1
-        if slow:
-            bucket.slow += 1
-            self.slow += 1
-        if latency_ms is not None:
-            index = _latency_bin(latency_ms)
-            bucket.latency[index] = bucket.latency.get(index, 0) + 1
-            self._hist[index] += 1
-            self._samples += 1
-            self._p95 = None
-
-    def p95(self) -> float:
-        if not self._samples:
-            return -1.0
-        if self._p95 is None:
-            rank = math.ceil(LATENCY_QUANTILE * self._samples)
-            self._p95 = _BIN_VALUES[bisect_left(list(accumulate(self._hist)), rank)]
-        return self._p95
-
-
 class CircuitBreaker:
     """One upstream's breaker. Synchronous; see the module docstring for its invariants."""
 
@@ -398,7 +280,7 @@ class CircuitBreaker:
         self._mode = Mode.ENFORCE if self._config.enabled else Mode.MONITOR_ONLY
         self._state = State.CLOSED
         self._generation = 0
-        self._window = _Window(self._config.window_seconds)
+        self._window = Window(self._config.window_seconds)
         self._consecutive = 0
         self._opens = 0  # opens since the breaker last closed: the backoff exponent
         self._open_until = 0.0
@@ -624,7 +506,7 @@ class CircuitBreaker:
     def reconfigure(self, config: CircuitBreakerConfig) -> None:
         """New settings (rules reload); keeps state, mode and, if its size holds, the window."""
         if math.ceil(config.window_seconds) != math.ceil(self._config.window_seconds):
-            self._window = _Window(config.window_seconds)
+            self._window = Window(config.window_seconds)
         self._config = config
 
     # -- internals ----------------------------------------------------------------------
