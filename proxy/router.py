@@ -13,7 +13,8 @@ or of every chat model, i.e. every model that rates its quality, when it
 lists none) are the primary candidates. The strategy orders them; then come
 the request's own ``fallback_models``, the virtual model's, the route's and
 the defaults', each deployment once, each group ordered by its own virtual
-model's strategy or else the plan's.
+model's strategy or else the plan's. The orders themselves are in
+proxy.strategies.
 
 Drops, before any ordering: no key; a context window smaller than the
 estimated prompt (characters / 4); over a constraint. A cost cap passes a
@@ -26,28 +27,6 @@ itself are exempt: a client that sets a cap and names fallbacks has said what
 it accepts beyond the cap. When the drops leave nothing, a 400 lists every
 deployment with its reason (all "no key": an empty plan, and the forwarding
 loop answers 503).
-
-Orders (ties, finally, by declaration order: a model's deployments as listed,
-a virtual model's candidates as listed, else catalog order):
-
-- ``cost_optimized``: lowest input + output price per 1k; ties by quality
-  (for the task type when it is known without detection, else the model's
-  mean rating).
-- ``performance_first``: lowest latency, i.e. the upstream's live p95, else
-  the rules' prior, else unknown (last); ties by price.
-- ``reliability_first``: highest live success ratio in the breaker window.
-  An upstream with no calls in the window counts as 1.0 (an idle upstream is
-  presumed healthy, so traffic can move to it) but ranks after a measured
-  1.0; then ties by latency.
-- ``task_specific``: highest quality for the task type (0 when the model does
-  not rate it); ties by price.
-- ``balanced``: highest score
-  ``(wq*Q + wc*C + wl*L + wr*R) / (wq + wc + wl + wr)`` with the weights of
-  ``defaults.weights``; each term is min-max normalised to 0..1 over the
-  candidates being ordered: Q quality for the task, C cheapness
-  ``(max - price) / (max - min)``, L speed likewise over latencies (unknown
-  latency scores 0), R success ratio (unmeasured: 1.0). A term whose values
-  are all equal gives every candidate 1; equal scores go by declaration order.
 
 The task type is the request's, else the virtual model's, else detected from
 the messages (proxy.tasks), and detection runs only when the ordering needs
@@ -66,10 +45,9 @@ Invariants:
   so the router asks the LiveView once per provider per request.
 - Lookup tables are compiled once per RuleSet (``_compiled``); a request does
   dictionary lookups, filters over precomputed tuples and, only when the live
-  facts changed, a sort: orders are memoised per pool on (strategy, task,
-  each upstream's p95 and success ratio, surviving deployments). Success
-  ratios are compared at 0.1 % resolution (``SUCCESS_DECIMALS``) so that a
-  steady trickle of calls does not defeat the memo.
+  facts changed, a sort (orders are memoised per pool: proxy.strategies).
+  Success ratios are compared at 0.1 % resolution (``SUCCESS_DECIMALS``) so
+  that a steady trickle of calls does not defeat the memo.
 - Rejection reasons are formatted only when read (``RoutePlan.rejected``).
 """
 
@@ -79,7 +57,6 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from types import MappingProxyType
 from typing import Protocol
 
@@ -97,7 +74,13 @@ from proxy.rules import (
     VirtualModel,
     Weights,
 )
-from proxy.tasks import detect_task, message_text
+from proxy.strategies import (
+    UNKNOWN_LATENCY,
+    Pool,
+    Ranker,
+)
+from proxy.strategies import balanced_scores as balanced_scores
+from proxy.tasks import message_text
 
 EXTENSION_KEY = "circuit_breaker"
 EXTENSION_KEYS = frozenset(
@@ -106,11 +89,8 @@ EXTENSION_KEYS = frozenset(
 VIRTUAL_PREFIX = "cb:"  # names in this namespace are virtual models (404 lists only those)
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text; a cheap estimate, not a tokenizer
 COMPILED_CACHE_SIZE = 2  # RuleSets whose tables are kept: the current one and the one before
-ORDER_MEMO_SIZE = 64  # per pool; live facts are few values per provider, so orders repeat
 UNRATED_QUALITY = 0.0
-UNMEASURED_SUCCESS = 1.0
 SUCCESS_DECIMALS = 3  # success ratios are compared at 0.1 % resolution
-UNKNOWN_LATENCY = math.inf
 HEADER_SAFE = frozenset(map(chr, range(0x20, 0x7F)))
 
 LOG = logging.getLogger("cb_proxy.route")
@@ -363,41 +343,13 @@ class RoutePlan:
 
 
 @dataclass(frozen=True, slots=True)
-class _Pool:
-    """The deployments a name stands for, in declaration order, with their static facts.
-
-    Per-candidate facts are parallel tuples so that filters and sort keys are
-    list comprehensions and ``__getitem__`` lookups, not attribute chains.
-    """
-
-    cands: tuple[Candidate, ...]
-    keys: tuple[str, ...]  # deployment keys
-    ins: tuple[float, ...]  # input price per 1k
-    outs: tuple[float, ...]  # output price per 1k
-    prices: tuple[float, ...]  # input + output per 1k
-    priors: tuple[float, ...]  # latency prior in ms; UNKNOWN_LATENCY when the rules give none
-    windows: tuple[float, ...]  # context window; inf when unknown
-    quality: Mapping[str | None, tuple[float, ...]]  # task type -> rating; None -> mean rating
-    providers: tuple[str, ...]  # distinct, in order of first appearance
-    reps: tuple[Candidate, ...]  # the first candidate on each of those providers
-    pidx: tuple[int, ...]  # per candidate: the index of its provider in ``providers``
-    models: int  # distinct models
-    min_window: float  # the smallest known context window; inf when none is known
-    everything: tuple[int, ...]  # range(len(cands)): "no candidate dropped"
-    # Balanced terms that depend only on the rules, filled on first use (see _Planner.balanced).
-    static: dict[object, tuple[float, ...]] = field(default_factory=dict, compare=False)
-    # Orders of the whole pool by (strategy, task, live facts): see _Planner.ordered.
-    memo: dict[object, _Ordered] = field(default_factory=dict, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
 class _Target:
     name: str
     virtual: VirtualModel | None
-    pool: _Pool
+    pool: Pool
 
 
-def _pool(models: Sequence[Model], rules: RuleSet, cache: dict[str, Candidate]) -> _Pool:
+def _pool(models: Sequence[Model], rules: RuleSet, cache: dict[str, Candidate]) -> Pool:
     cands: list[Candidate] = []
     for model in models:
         for dep in model.deployments:
@@ -419,7 +371,7 @@ def _pool(models: Sequence[Model], rules: RuleSet, cache: dict[str, Candidate]) 
     windows = tuple(
         math.inf if c.context_window is None else float(c.context_window) for c in cands
     )
-    return _Pool(
+    return Pool(
         cands=tuple(cands),
         keys=tuple(d.key for d in deps),
         ins=tuple(d.input_cost_per_1k for d in deps),
@@ -545,7 +497,7 @@ class _Drop:
     """Deployments of one pool that one filter dropped, with what the reason text needs."""
 
     kind: str
-    pool: _Pool
+    pool: Pool
     indices: tuple[int, ...]
     limit: object = None  # prompt tokens, the CostCap or the latency cap
     measured: tuple[float | None, ...] = ()  # live latency per provider of the pool
@@ -585,83 +537,10 @@ def _rejections(drops: Sequence[_Drop], planned: Sequence[Candidate]) -> tuple[R
     return tuple(out.values())
 
 
-# --------------------------------------------------------------------------- ordering
+class _Planner(Ranker):
+    """One request's planning: live facts memoised per provider, then the filters."""
 
-
-def _normalised(values: Sequence[float], higher_is_better: bool) -> list[float]:
-    """Min-max to 0..1 over the finite values; all equal -> 1; non-finite -> 0."""
-    finite = [v for v in values if v < math.inf]
-    if not finite:
-        return [1.0] * len(values)
-    lo, hi = min(finite), max(finite)
-    span = hi - lo
-    if span <= 0:
-        return [1.0 if v < math.inf else 0.0 for v in values]
-    if higher_is_better:
-        return [(v - lo) / span for v in values]
-    return [(hi - v) / span if v < math.inf else 0.0 for v in values]
-
-
-def _unit_weights(weights: Weights) -> tuple[float, float, float, float]:
-    """The weights divided by their sum, so that a score is in 0..1."""
-    total = weights.quality + weights.cost + weights.latency + weights.reliability
-    if total <= 0:
-        return 0.0, 0.0, 0.0, 0.0
-    return (
-        weights.quality / total,
-        weights.cost / total,
-        weights.latency / total,
-        weights.reliability / total,
-    )
-
-
-def _static_terms(
-    quality: Sequence[float], prices: Sequence[float], wq: float, wc: float
-) -> tuple[float, ...]:
-    nq = _normalised(quality, True)
-    nc = _normalised(prices, False)
-    return tuple(wq * q + wc * c for q, c in zip(nq, nc, strict=True))
-
-
-def _add_terms(base: Sequence[float], weight: float, terms: Sequence[float]) -> list[float]:
-    return [b + weight * t for b, t in zip(base, terms, strict=True)]
-
-
-def balanced_scores(
-    quality: Sequence[float],
-    prices: Sequence[float],
-    latencies: Sequence[float],
-    success: Sequence[float],
-    weights: Weights,
-) -> list[float]:
-    """The ``balanced`` score of each candidate (see the module docstring), 0..1.
-
-    The router computes the same sums in the same order (cached in parts), so
-    its scores equal these exactly.
-    """
-    wq, wc, wl, wr = _unit_weights(weights)
-    scores = _add_terms(_static_terms(quality, prices, wq, wc), wl, _normalised(latencies, False))
-    return _add_terms(scores, wr, _normalised(success, True))
-
-
-def _ms(value: float) -> str:
-    return f"{value:.0f}ms"
-
-
-@dataclass(frozen=True, slots=True)
-class _Ordered:
-    """Some of a pool's candidates in a strategy's order."""
-
-    cands: tuple[Candidate, ...]
-    keys: tuple[str, ...]
-    reason: str  # why the first is first
-    scores: tuple[float, ...]  # balanced only, in order
-
-
-class _Planner:
-    """One request's planning: live facts memoised per provider, the task found lazily."""
-
-    __slots__ = ("live", "messages", "stats", "task", "task_source", "weights")
+    __slots__ = ("live",)
 
     def __init__(
         self,
@@ -671,21 +550,10 @@ class _Planner:
         messages: Sequence[Mapping[str, object]],
         weights: Weights,
     ) -> None:
+        task: TaskType | None = prefs.task_type or (virtual.task_type if virtual else None)
+        source = "request" if prefs.task_type else "virtual model" if task is not None else ""
+        super().__init__(task, source, messages, weights)
         self.live = live
-        self.messages = messages
-        self.weights = weights
-        self.stats: dict[str, UpstreamStats] = {}
-        self.task: TaskType | None = prefs.task_type or (virtual.task_type if virtual else None)
-        self.task_source = (
-            "request" if prefs.task_type else "virtual model" if self.task is not None else ""
-        )
-
-    def needed_task(self, pool: _Pool) -> TaskType | None:
-        """The task type, detected if still unknown, unless ratings cannot differ (one model)."""
-        if self.task is None and pool.models > 1:
-            self.task = detect_task(self.messages)
-            self.task_source = "detected"
-        return self.task
 
     def upstream(self, cand: Candidate) -> UpstreamStats:
         name = cand.deployment.provider
@@ -706,7 +574,7 @@ class _Planner:
 
     def eligible(
         self,
-        pool: _Pool,
+        pool: Pool,
         prompt_tokens: int,
         cost_cap: CostCap | None,
         latency_cap: float | None,
@@ -748,138 +616,6 @@ class _Planner:
                 drops.append(_Drop(LATENCY, pool, _missing(idx, keep), latency_cap, measured))
             idx = keep
         return idx
-
-    def latencies(self, pool: _Pool, idx: Sequence[int]) -> Sequence[float]:
-        """Per candidate: its upstream's live p95, else its prior, else UNKNOWN_LATENCY."""
-        stats = self.stats
-        measured = [stats[p].latency_ms for p in pool.providers]
-        priors = pool.priors
-        if all(m is None for m in measured):
-            return priors if idx is pool.everything else [priors[i] for i in idx]
-        pidx = pool.pidx
-        both = [(measured[pidx[i]], priors[i]) for i in idx]
-        return [prior if live is None else live for live, prior in both]
-
-    def successes(self, pool: _Pool, idx: Sequence[int]) -> list[float | None]:
-        stats, pidx = self.stats, pool.pidx
-        ratios = [stats[p].success_ratio for p in pool.providers]
-        return [ratios[pidx[i]] for i in idx]
-
-    def balanced(self, pool: _Pool, idx: Sequence[int], task: TaskType | None) -> list[float]:
-        """``balanced_scores`` over ``idx``: the same sums in the same order, with the
-        terms that depend only on the rules cached in the pool."""
-        wq, wc, wl, wr = _unit_weights(self.weights)
-        full = idx is pool.everything
-        rating = pool.quality[task]
-        if full:
-            base = pool.static.get(task)
-            if base is None:
-                base = pool.static[task] = _static_terms(rating, pool.prices, wq, wc)
-        else:
-            base = _static_terms([rating[i] for i in idx], [pool.prices[i] for i in idx], wq, wc)
-        lat = self.latencies(pool, idx)
-        speed: Sequence[float]
-        if full and lat is pool.priors:  # nothing measured: the speed term is static too
-            cached = pool.static.get("speed")
-            if cached is None:
-                cached = pool.static["speed"] = tuple(_normalised(lat, False))
-            speed = cached
-        else:
-            speed = _normalised(lat, False)
-        # Success ratios are per upstream: normalise the few upstream values, then spread.
-        stats = self.stats
-        ratios = [stats[p].success_ratio for p in pool.providers]
-        present = ratios if full else [ratios[j] for j in {pool.pidx[i] for i in idx}]
-        known = [UNMEASURED_SUCCESS if r is None else r for r in present]
-        lo, hi = min(known), max(known)
-        if lo == hi:  # all equal: the term is 1 for everyone
-            return [b + wl * s + wr for b, s in zip(base, speed, strict=True)]
-        per_upstream = [((UNMEASURED_SUCCESS if r is None else r) - lo) / (hi - lo) for r in ratios]
-        pidx = pool.pidx
-        rel = [per_upstream[pidx[i]] for i in idx]
-        return [b + wl * s + wr * r for b, s, r in zip(base, speed, rel, strict=True)]
-
-    def ordered(self, strategy: str, pool: _Pool, idx: Sequence[int]) -> _Ordered:
-        """``order``, memoised on everything the order depends on: the strategy, the
-        task, each upstream's live latency and success ratio, and which deployments
-        survived the filters."""
-        needs_task = strategy == "balanced" or strategy == "task_specific"
-        task = self.needed_task(pool) if needs_task and len(idx) > 1 else self.task
-        stats = self.stats
-        key = (
-            strategy,
-            task,
-            tuple([stats[p].latency_ms for p in pool.providers]),
-            tuple([stats[p].success_ratio for p in pool.providers]),
-            None if idx is pool.everything else tuple(idx),
-        )
-        memo = pool.memo
-        hit = memo.get(key)
-        if hit is None:
-            if len(memo) >= ORDER_MEMO_SIZE:
-                memo.clear()  # live values moved on; the old orders are not coming back soon
-            hit = memo[key] = self.order(strategy, pool, idx, task)
-        return hit
-
-    def order(
-        self, strategy: str, pool: _Pool, idx: Sequence[int], task: TaskType | None
-    ) -> _Ordered:
-        """``idx`` ordered by the strategy, with the reason the first is first."""
-        n = len(idx)
-        if n <= 1:
-            cands = tuple([pool.cands[i] for i in idx])
-            keys = tuple([pool.keys[i] for i in idx])
-            return _Ordered(cands, keys, "only candidate" if n else "", ())
-        scores: tuple[float, ...] = ()
-        prices = pool.prices if idx is pool.everything else [pool.prices[i] for i in idx]
-        positions = list(range(n))
-        # Each order is a sequence of stable sorts, least significant key first, so
-        # declaration order (the order of idx) decides what is left tied.
-        if strategy == "balanced":
-            values = self.balanced(pool, idx, task)
-            positions.sort(key=values.__getitem__, reverse=True)  # reverse keeps stability
-            scores = itemgetter(*positions)(values)
-            reason = f"best score {scores[0]:.2f} of {n}"
-        elif strategy == "cost_optimized":
-            rating = pool.quality[task]
-            positions.sort(key=lambda k: -rating[idx[k]])
-            positions.sort(key=prices.__getitem__)
-            reason = f"cheapest of {n}"
-        elif strategy == "performance_first":
-            lat = self.latencies(pool, idx)
-            positions.sort(key=prices.__getitem__)
-            positions.sort(key=lat.__getitem__)
-            reason = self._fastest_reason(pool, idx[positions[0]], lat[positions[0]], n)
-        elif strategy == "reliability_first":
-            lat = self.latencies(pool, idx)
-            raw = self.successes(pool, idx)
-            ratio = [UNMEASURED_SUCCESS if r is None else r for r in raw]
-            positions.sort(key=lat.__getitem__)
-            positions.sort(key=lambda k: raw[k] is None)
-            positions.sort(key=ratio.__getitem__, reverse=True)
-            top = raw[positions[0]]
-            reason = (
-                f"most reliable {top * 100:.1f}% of {n}"
-                if top is not None
-                else f"most reliable (no data) of {n}"
-            )
-        else:  # task_specific
-            rating = pool.quality[task]
-            positions.sort(key=prices.__getitem__)
-            positions.sort(key=lambda k: rating[idx[k]], reverse=True)
-            if task is None:  # one model: ratings cannot differ, price decides
-                reason = f"cheapest of {n}"
-            else:
-                reason = f"best {task} quality {rating[idx[positions[0]]]:g}"
-        order = tuple([idx[k] for k in positions])
-        pick = itemgetter(*order)  # one C call per output tuple
-        return _Ordered(pick(pool.cands), pick(pool.keys), reason, scores)
-
-    def _fastest_reason(self, pool: _Pool, i: int, latency: float, n: int) -> str:
-        if latency == UNKNOWN_LATENCY:
-            return f"cheapest of {n}, no latency known"
-        measured = self.stats[pool.providers[pool.pidx[i]]].latency_ms is not None
-        return f"fastest {'p95' if measured else 'prior'} {_ms(latency)} of {n}"
 
 
 # --------------------------------------------------------------------------- plan_route
