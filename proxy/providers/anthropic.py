@@ -54,9 +54,10 @@ from proxy.providers.base import (
     UpstreamRequest,
     Usage,
 )
+from proxy.providers.stream_base import SSEStreamTranslator
 from proxy.ratelimit import parse_retry_after
 from proxy.rules import Deployment, Provider
-from proxy.sse import SSEParser
+from proxy.sse import SSEEvent
 
 UPSTREAM = "Anthropic"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -418,13 +419,13 @@ def _error_fields(obj: Any) -> tuple[str, str] | None:
 # --- stream --------------------------------------------------------------
 
 
-class AnthropicStreamTranslator:
+class AnthropicStreamTranslator(SSEStreamTranslator):
     """Anthropic Messages SSE -> OpenAI chat.completion.chunk payloads (one choice)."""
 
+    truncated_message = "Anthropic stream ended before message_stop"
+
     def __init__(self, client_model: str, include_usage: bool, created: int) -> None:
-        self.has_content = False
-        self.finished = False
-        self.usage: Usage | None = None
+        super().__init__()
         self._model = client_model
         self._include_usage = include_usage
         self._created = created
@@ -433,7 +434,6 @@ class AnthropicStreamTranslator:
         self._suffix = ',"logprobs":null,"finish_reason":null}]' + (
             ',"usage":null}' if include_usage else "}"
         )
-        self._parser = SSEParser()
         self._role_sent = False
         self._tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
         self._prompt = 0
@@ -441,33 +441,9 @@ class AnthropicStreamTranslator:
         self._cache_read = 0
         self._finish_sent = False
         self._stop_reason: str | None = None
-        self._error: StreamError | None = None
 
-    def feed(self, data: bytes) -> list[str]:
-        if self._error is not None:
-            raise self._error
-        out: list[str] = []
-        for event in self._parser.feed(data):
-            self._event(event.event, event.data, out)
-            if self._error is not None:
-                if out:
-                    return out  # deliver what came before; the error is raised next call
-                raise self._error
-        return out
-
-    def finish(self) -> list[str]:
-        if self._error is not None:
-            raise self._error
-        out: list[str] = []
-        for event in self._parser.close():
-            self._event(event.event, event.data, out)
-        if self._error is not None:
-            raise self._error
-        if not self.finished:
-            raise shapes.upstream_failure(
-                "Anthropic stream ended before message_stop", code="upstream_stream_truncated"
-            )
-        return out
+    def _handle(self, event: SSEEvent, out: list[str]) -> None:
+        self._event(event.event, event.data, out)
 
     # one upstream event -> zero or more payloads appended to ``out``
     def _event(self, name: str | None, data: str, out: list[str]) -> None:

@@ -67,9 +67,10 @@ from proxy.providers.base import (
 )
 from proxy.providers.gemini_schema import MAX_REF_DEPTH as MAX_REF_DEPTH
 from proxy.providers.gemini_schema import gemini_schema as gemini_schema
+from proxy.providers.stream_base import SSEStreamTranslator
 from proxy.ratelimit import parse_retry_after
 from proxy.rules import Deployment, Provider
-from proxy.sse import SSEParser
+from proxy.sse import SSEEvent
 
 UPSTREAM = "Gemini"
 API_PREFIX = "/v1beta/models"
@@ -449,15 +450,15 @@ def _error_parts(obj: Any) -> tuple[int | None, str, str, list[Any]] | None:
 # --- stream -----------------------------------------------------------------
 
 
-class GeminiStreamTranslator:
+class GeminiStreamTranslator(SSEStreamTranslator):
     """Gemini streamGenerateContent?alt=sse -> OpenAI chat.completion.chunk payloads."""
+
+    truncated_message = "Gemini stream ended without a finishReason"
 
     def __init__(
         self, client_model: str, include_usage: bool, created: int, new_token: Callable[[], str]
     ) -> None:
-        self.has_content = False
-        self.finished = False
-        self.usage: Usage | None = None
+        super().__init__()
         self._model = client_model
         self._include_usage = include_usage
         self._created = created
@@ -465,45 +466,22 @@ class GeminiStreamTranslator:
         self._id = ""
         self._prefix = ""  # the constant head of every chunk, built at first use
         self._suffix = '],"usage":null}' if include_usage else "]}"
-        self._parser = SSEParser()
         self._role_sent: set[int] = set()
         self._tool_count: dict[int, int] = {}  # choice -> tool calls so far
         self._seen: set[int] = set()  # choices that appeared
         self._done: set[int] = set()  # choices that got their finishReason
         self._meta: Any = None
-        self._error: StreamError | None = None
 
-    def feed(self, data: bytes) -> list[str]:
-        if self._error is not None:
-            raise self._error
-        out: list[str] = []
-        for event in self._parser.feed(data):
-            self._chunk(event.data, out)
-            if self._error is not None:
-                if out:
-                    return out  # deliver what came first; raised on the next call
-                raise self._error
-        return out
+    def _handle(self, event: SSEEvent, out: list[str]) -> None:
+        self._chunk(event.data, out)
 
-    def finish(self) -> list[str]:
-        if self._error is not None:
-            raise self._error
-        out: list[str] = []
-        for event in self._parser.close():
-            self._chunk(event.data, out)
-        if self._error is not None:
-            raise self._error
-        if not self.finished:
-            raise shapes.upstream_failure(
-                "Gemini stream ended without a finishReason", code="upstream_stream_truncated"
-            )
+    def _closing(self, out: list[str]) -> None:
         if self._include_usage:
             chunk = self._base()
             chunk["choices"] = []
             chunk["usage"] = _usage_dict(self._meta)
             out.append(orjson.dumps(chunk).decode())
         out.append(DONE)
-        return out
 
     def _chunk(self, data: str, out: list[str]) -> None:
         try:
