@@ -125,3 +125,45 @@ def test_any_byte_split_gives_the_same_client_stream(cuts: list[int], strip: boo
     split = OpenAIStreamRelay(strip_usage=strip)
     assert run(split, pieces) == run(whole, [FULL])
     assert split.usage == whole.usage
+
+
+DELTA_VALUES = st.one_of(
+    st.none(),
+    st.text(max_size=5),
+    st.lists(st.fixed_dictionaries({"index": st.integers(0, 2)}), max_size=2),
+    st.fixed_dictionaries({"name": st.text(max_size=3)}),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "role",
+                "content",
+                "refusal",
+                "reasoning_content",
+                "reasoning",
+                "tool_calls",
+                "function_call",
+                "audio",
+            ]
+        ),
+        DELTA_VALUES,
+        max_size=4,
+    ),
+    st.one_of(st.none(), st.sampled_from(["stop", "length", "tool_calls"])),
+    st.booleans(),
+)
+def test_the_byte_level_commit_hint_agrees_with_parsing(
+    delta: dict[str, object], finish: str | None, spaced: bool
+) -> None:
+    import json
+
+    from proxy.providers.openai import CONTENT_HINT, _has_content
+
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    text = json.dumps(chunk) if spaced else orjson.dumps(chunk).decode()
+    event = b"data: " + text.encode()
+    assert bool(CONTENT_HINT.search(event)) == _has_content(chunk)

@@ -10,6 +10,7 @@ only at events that can carry usage, an error or the terminal marker.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -55,6 +56,13 @@ CONTENT_DELTA_KEYS = (
     "audio",
     "reasoning_content",
     "reasoning",
+)
+# What makes an event the commit point (see _has_content), as bytes: a non-empty string
+# in a content-like key, a tool or function call, an audio part, or a finish reason.
+CONTENT_HINT = re.compile(
+    rb'"(?:content|refusal|reasoning_content|reasoning|text|tool_calls|function_call|audio)":'
+    rb'\s*(?:"[^"]|\[\s*[^\]\s]|\{\s*[^}\s])'  # a non-empty string, list or object
+    rb'|"finish_reason":\s*"[^"]'
 )
 AFTER_COMMIT_MARKS = (
     USAGE_MARK,
@@ -273,15 +281,20 @@ class OpenAIStreamRelay:
                 self.finished = True
                 out.append(frame)
                 continue
-            obj = _event_json(event)
-            if isinstance(obj, dict):
-                if "error" in obj and "choices" not in obj:
-                    raise _stream_error(obj)
-                self._note(obj)
-                if self.strip_usage and obj.get("choices") == [] and "usage" in obj:
-                    continue
-                if not self.has_content and _has_content(obj):
-                    self.has_content = True
+            if ERROR_MARK in event or USAGE_MARK in event or USAGE_MARK_SPACED in event:
+                obj = _event_json(event)
+                if isinstance(obj, dict):
+                    if "error" in obj and "choices" not in obj:
+                        raise _stream_error(obj)
+                    self._note(obj)
+                    if self.strip_usage and obj.get("choices") == [] and "usage" in obj:
+                        continue
+                    if _has_content(obj):
+                        self.has_content = True
+            elif CONTENT_HINT.search(event):
+                # A non-empty content-bearing delta, found without parsing the event. Inside a
+                # JSON string these keys would be escaped (\"content\":), so text cannot fake it.
+                self.has_content = True
             out.append(frame)
         if not self.has_content and not self.finished:
             self._held.extend(out)
