@@ -31,7 +31,6 @@ from proxy.state import ProxyState
 
 LOG = logging.getLogger("cb_proxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-STATE_KEY_NAME = "state"
 BREAKER_API = "/api/circuit-breaker"
 # States in which a breaker turns every call away (forced-open outranks monitor-only too).
 UNAVAILABLE_STATES = frozenset({State.OPEN, State.FORCED_OPEN})

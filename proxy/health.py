@@ -61,7 +61,6 @@ MIN_INTERVAL_SECONDS = 1.0
 MAX_BODY_BYTES = 1024 * 1024
 FAILURES_TO_TRIP = 2
 # 429 and 408 say "slow down" or "too slow this time", not "down" (breaker.md).
-IGNORED_STATUSES = frozenset({408, 429})
 # 401/403: our key was refused; 402: the account cannot pay. Both break every request.
 KEY_FAILURE_STATUSES = frozenset({401, 402, 403})
 RECOVERING_STATES = frozenset({State.OPEN, State.HALF_OPEN})

@@ -18,9 +18,8 @@ class Outcome(enum.Enum):
     IGNORED = "ignored"  # caller fault or client cancellation: no retry, no fallback
 
 
-# 5xx is always the upstream's fault; 408 is the upstream giving up on us.
+# Quick, passing failures worth one retry on the same deployment (breaker.md).
 _TRANSIENT_STATUSES = frozenset({500, 502, 503, 529})
-_CALLER_FAULTS = frozenset({400, 404, 409, 413, 415, 422})
 # Codes that mean 'the account is out of money', which no waiting fixes.
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
 
@@ -47,7 +46,3 @@ def classify_status(
 def is_transient(status: int) -> bool:
     """A quick failure worth one retry on the same deployment (breaker.md)."""
     return status in _TRANSIENT_STATUSES
-
-
-def is_caller_fault(status: int) -> bool:
-    return status in _CALLER_FAULTS

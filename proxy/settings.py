@@ -18,8 +18,6 @@ DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_GRACE_PERIOD = 25.0
 DEFAULT_RULES = Path(__file__).parent / "data" / "default.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 LogFormat = Literal["json", "text"]
 
@@ -64,15 +62,6 @@ def parse_host_port(value: str, name: str) -> HostPort:
         raise SettingsError(f"{name}: port out of range in {value!r}")
     host = host.strip("[]") or "127.0.0.1"
     return HostPort(host, port)
-
-
-def parse_bool(value: str, name: str) -> bool:
-    word = value.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise SettingsError(f"{name}: expected true or false, got {value!r}")
 
 
 def _number(value: str, name: str, *, minimum: float = 0.0) -> float:
