@@ -66,25 +66,25 @@ async def read_json(request: web.Request) -> JSONDict:
     return body
 
 
-def _require_str(body: JSONDict, key: str) -> str:
+def _present(body: JSONDict, key: str) -> Any:
+    """The value of a required parameter; a 400 naming it when it is missing."""
     value = body.get(key)
     if value is None:
         raise InvalidRequest(
             f"you must provide a '{key}' parameter", param=key, code="missing_required_parameter"
         )
+    return value
+
+
+def _require_str(body: JSONDict, key: str) -> str:
+    value = _present(body, key)
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"'{key}' must be a non-empty string", param=key, code="invalid_type")
     return value
 
 
 def _check_messages(body: JSONDict) -> None:
-    messages = body.get("messages")
-    if messages is None:
-        raise InvalidRequest(
-            "you must provide a 'messages' parameter",
-            param="messages",
-            code="missing_required_parameter",
-        )
+    messages = _present(body, "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest(
             "'messages' must be a non-empty array", param="messages", code="invalid_type"
@@ -119,11 +119,15 @@ def _stream_flags(body: JSONDict) -> tuple[bool, bool]:
 
 
 async def _dispatch(
-    request: web.Request, endpoint: Endpoint, body: JSONDict, stream: bool, include_usage: bool
+    request: web.Request,
+    endpoint: Endpoint,
+    body: JSONDict,
+    model: str,
+    stream: bool,
+    include_usage: bool,
 ) -> web.StreamResponse:
     state = request.app[STATE]
     rules = state.rules  # read once: the request keeps these rules even if a reload swaps them
-    model = _require_str(body, "model")
     prefs = parse_prefs(body.pop(EXTENSION_KEY, None))
     messages, prompt_tokens = routing_inputs(body)
     plan = plan_route(
@@ -153,47 +157,35 @@ async def _dispatch(
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    _require_str(body, "model")
+    model = _require_str(body, "model")
     _check_messages(body)
     stream, include_usage = _stream_flags(body)
-    return await _dispatch(request, Endpoint.CHAT, body, stream, include_usage)
+    return await _dispatch(request, Endpoint.CHAT, body, model, stream, include_usage)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    _require_str(body, "model")
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise InvalidRequest(
-            "you must provide a 'prompt' parameter",
-            param="prompt",
-            code="missing_required_parameter",
-        )
+    model = _require_str(body, "model")
+    prompt = _present(body, "prompt")
     if not isinstance(prompt, str | list):
         raise InvalidRequest(
             "'prompt' must be a string or an array", param="prompt", code="invalid_type"
         )
     stream, include_usage = _stream_flags(body)
-    return await _dispatch(request, Endpoint.COMPLETIONS, body, stream, include_usage)
+    return await _dispatch(request, Endpoint.COMPLETIONS, body, model, stream, include_usage)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    _require_str(body, "model")
-    value = body.get("input")
-    if value is None:
-        raise InvalidRequest(
-            "you must provide an 'input' parameter",
-            param="input",
-            code="missing_required_parameter",
-        )
+    model = _require_str(body, "model")
+    value = _present(body, "input")
     if not isinstance(value, str | list) or value == [] or value == "":
         raise InvalidRequest(
             "'input' must be a non-empty string or array", param="input", code="invalid_type"
         )
     if body.get("stream"):
         raise InvalidRequest("embeddings cannot be streamed", param="stream")
-    return await _dispatch(request, Endpoint.EMBEDDINGS, body, False, False)
+    return await _dispatch(request, Endpoint.EMBEDDINGS, body, model, False, False)
 
 
 def models_payload(state: ProxyState) -> JSONDict:
