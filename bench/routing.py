@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.router import RequestPrefs, StaticView, plan_route
-from proxy.rules import RuleSet, parse_rules
+from proxy.config.model import RuleSet, parse_rules
+from proxy.core.router import RequestPrefs, StaticView, plan_route
 
 CATALOG_SIZE = 50
 PROVIDER_TYPES = ("openai", "anthropic", "gemini")

@@ -27,7 +27,7 @@ if ! command -v promtool >/dev/null 2>&1; then
   echo "deploy/check.sh: promtool not found (Debian package 'prometheus'; run 'make tools')" >&2
   exit 2
 fi
-if ! "$PYTHON" -c 'import kubernetes_validate, jsonschema, yaml, pytest, proxy.metrics' 2>"$TMP/import.err"; then
+if ! "$PYTHON" -c 'import kubernetes_validate, jsonschema, yaml, pytest, proxy.server.metrics' 2>"$TMP/import.err"; then
   echo "deploy/check.sh: the project's virtualenv is not first on PATH (run via 'make check-deploy'):" >&2
   cat "$TMP/import.err" >&2
   exit 2

@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from proxy.logs import setup_logging
-from proxy.router import RequestPrefs, StaticView, parse_prefs, plan_route
-from proxy.rules import STRATEGIES, TASK_TYPES, RulesError, format_problems, load_rules
-from proxy.settings import SettingsError, load_settings
+from proxy.config.model import STRATEGIES, TASK_TYPES, RulesError, format_problems, load_rules
+from proxy.config.settings import SettingsError, load_settings
+from proxy.core.router import RequestPrefs, StaticView, parse_prefs, plan_route
+from proxy.server.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from proxy import server
+    from proxy.server import lifecycle as server
 
     try:
         settings = load_settings(
@@ -108,9 +108,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     """Print the plan ``plan_route`` makes for a request, with no live stats (StaticView)."""
-    from proxy.errors import ProxyError
-    from proxy.router import candidate_facts, estimate_prompt_tokens, format_usd
-    from proxy.tasks import guess_task
+    from proxy.core.errors import ProxyError
+    from proxy.core.router import candidate_facts, estimate_prompt_tokens, format_usd
+    from proxy.core.tasks import guess_task
 
     try:
         rules = load_rules(args.rules)
@@ -231,8 +231,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_mock(args: argparse.Namespace) -> int:
-    from proxy.mock import run_mock
-    from proxy.settings import parse_host_port
+    from proxy.config.settings import parse_host_port
+    from proxy.mock.app import run_mock
 
     where = parse_host_port(args.listen, "--listen")
     run_mock(
@@ -247,7 +247,7 @@ def _cmd_mock(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.mock.demo import run_demo
 
     return int(run_demo(port=args.port, exit_after_tour=args.exit_after_tour))
 

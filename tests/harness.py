@@ -1,6 +1,6 @@
 """Run the real proxy in the test's event loop, on 127.0.0.1 port 0.
 
-The proxy is started through ``proxy.server.serve``, the same code path as
+The proxy is started through ``proxy.server.lifecycle.serve``, the same code path as
 `cb-proxy serve`, so the tests exercise the real listeners, middleware,
 client session and drain logic.
 """
@@ -16,10 +16,10 @@ from typing import Any
 
 import aiohttp
 
-from proxy.rules import load_rules
-from proxy.server import serve
-from proxy.settings import HostPort, Settings
-from proxy.state import ProxyState
+from proxy.config.model import load_rules
+from proxy.config.settings import HostPort, Settings
+from proxy.server.lifecycle import serve
+from proxy.server.state import ProxyState
 
 LOOPBACK_ANY_PORT = HostPort("127.0.0.1", 0)
 

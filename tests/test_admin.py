@@ -19,15 +19,15 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import admin
-from proxy.api import STATE
-from proxy.app import create_admin_app, error_middleware
-from proxy.breaker import State
-from proxy.health import checker_of
-from proxy.metrics import Metrics
-from proxy.rules import load_rules
-from proxy.settings import Settings
-from proxy.state import ProxyState
+from proxy.config.model import load_rules
+from proxy.config.settings import Settings
+from proxy.core.breaker import State
+from proxy.server import admin
+from proxy.server.api import STATE
+from proxy.server.app import create_admin_app, error_middleware
+from proxy.server.health import checker_of
+from proxy.server.metrics import Metrics
+from proxy.server.state import ProxyState
 from tests.conftest import PRIMARY_KEY, RULES_TEMPLATE, Stack
 from tests.fakes.upstream import running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules

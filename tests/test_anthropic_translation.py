@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import InvalidRequest, UnsupportedParameter
-from proxy.outcome import Outcome
+from proxy.config.model import Deployment, HealthCheck, Provider
+from proxy.core.errors import InvalidRequest, UnsupportedParameter
+from proxy.core.outcome import Outcome
 from proxy.providers.anthropic import AnthropicAdapter, anthropic_tool_id, translate_request
 from proxy.providers.base import Endpoint, StreamError
-from proxy.rules import Deployment, HealthCheck, Provider
 from tests.openapi import validate, validate_payloads
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -1035,7 +1035,7 @@ def test_stop_without_message_delta_still_sends_a_finish_reason() -> None:
 
 
 def test_a_tool_that_is_not_an_object_is_a_400_naming_it() -> None:
-    from proxy.errors import InvalidRequest
+    from proxy.core.errors import InvalidRequest
     from proxy.providers.anthropic import translate_request
 
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": ["x"]}

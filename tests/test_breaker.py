@@ -14,7 +14,8 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.breaker import (
+from proxy.config.model import BreakerOverrides
+from proxy.core.breaker import (
     MAX_RETRY_AFTER_OPEN_SECONDS,
     TRANSITIONS,
     BreakerRegistry,
@@ -25,10 +26,9 @@ from proxy.breaker import (
     Mode,
     State,
 )
-from proxy.metrics import STATE_VALUES, Metrics
-from proxy.outcome import Outcome, classify_status
-from proxy.ratelimit import parse_retry_after
-from proxy.rules import BreakerOverrides
+from proxy.core.outcome import Outcome, classify_status
+from proxy.core.ratelimit import parse_retry_after
+from proxy.server.metrics import STATE_VALUES, Metrics
 
 T0 = 1000.0  # a whole second, so bucket boundaries fall on round numbers
 

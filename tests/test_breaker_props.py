@@ -1,5 +1,5 @@
 """Property test: random sequences of clock moves, calls, reports and admin orders
-never break the breaker's invariants (proxy/breaker.py module docstring)."""
+never break the breaker's invariants (proxy/core/breaker.py module docstring)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from proxy.breaker import CircuitBreaker, CircuitBreakerConfig, Mode, Permit, State
-from proxy.metrics import STATE_VALUES
-from proxy.outcome import Outcome
+from proxy.core.breaker import CircuitBreaker, CircuitBreakerConfig, Mode, Permit, State
+from proxy.core.outcome import Outcome
+from proxy.server.metrics import STATE_VALUES
 
 CONFIG = CircuitBreakerConfig(
     failure_threshold=3,

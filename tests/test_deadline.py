@@ -1,4 +1,4 @@
-"""proxy.deadline: guards swept by a Watchdog behave like ``asyncio.timeout``.
+"""proxy.upstream.deadline: guards swept by a Watchdog behave like ``asyncio.timeout``.
 
 Deadlines are in loop time and the tick is small. A body that "hangs until the
 deadline" waits on an Event nobody sets: the deadline is what ends it. Where
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.deadline import Guard, Watchdog
+from proxy.upstream.deadline import Guard, Watchdog
 
 TICK = 0.01
 LATE = 2.0  # "at most a tick late", with room for a loaded 2-core machine

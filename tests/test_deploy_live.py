@@ -32,8 +32,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from proxy.app import reload_rules
-from proxy.mock import FormatName, start_mock_server
+from proxy.mock.app import FormatName, start_mock_server
+from proxy.server.app import reload_rules
 from tests.fakes.upstream import RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
 

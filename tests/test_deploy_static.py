@@ -2,8 +2,8 @@
 
 deploy/check.sh runs this file beside promtool and the manifest validator; it also runs with the
 unit tests. Invariants checked here:
-- every metric name in the alert rules and the dashboard is one proxy/metrics.py exports (with the
-  _total/_bucket/_sum/_count sample suffixes), a recording rule from alerts.yml, or `up`;
+- every metric name in the alert rules and the dashboard is exported by proxy/server/metrics.py
+  (with the _total/_bucket/_sum/_count sample suffixes), a recording rule from alerts.yml, or `up`;
 - the breaker gauges' -1 ("no data") can never satisfy an alert or enter an aggregate;
 - every alert selects job="cb-proxy" and has a firing and a quiet case in alerts_test.yml;
 - the PrometheusRule and the dashboard ConfigMap carry exactly alerts.yml and dashboard.json;
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.metrics import Metrics
+from proxy.server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -27,8 +27,8 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from proxy.breaker import State
-from proxy.mock_common import reply_text
+from proxy.core.breaker import State
+from proxy.mock.common import reply_text
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
 from tests.metrics import Scrape

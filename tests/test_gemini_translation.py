@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import InvalidRequest, UnsupportedParameter
-from proxy.outcome import Outcome
+from proxy.config.model import Deployment, Provider
+from proxy.core.errors import InvalidRequest, UnsupportedParameter
+from proxy.core.outcome import Outcome
 from proxy.providers.base import Endpoint, StreamError
 from proxy.providers.gemini import (
     FOREIGN_SIGNATURE,
@@ -24,7 +25,6 @@ from proxy.providers.gemini import (
     tool_call_id,
     translate_request,
 )
-from proxy.rules import Deployment, Provider
 from tests.openapi import validate, validate_payloads
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

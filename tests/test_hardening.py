@@ -31,18 +31,18 @@ from aiohttp import web
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-import proxy.forward as forward
-import proxy.upstream_http as upstream_http
-from proxy.breaker import CircuitBreaker, Permit, State
-from proxy.errors import UpstreamError
-from proxy.metrics import Metrics
-from proxy.outcome import Outcome
+import proxy.server.forward as forward
+import proxy.upstream.client as upstream_http
+from proxy.config.model import load_rules
+from proxy.config.settings import Settings
+from proxy.core.breaker import CircuitBreaker, Permit, State
+from proxy.core.errors import UpstreamError
+from proxy.core.outcome import Outcome
+from proxy.core.router import NO_PREFS, Candidate, plan_route
 from proxy.providers.base import Endpoint
-from proxy.router import NO_PREFS, Candidate, plan_route
-from proxy.rules import load_rules
-from proxy.settings import Settings
-from proxy.state import ProxyState, provider_keys
-from proxy.upstream_http import Disconnected, UpstreamPool, _request_head
+from proxy.server.metrics import Metrics
+from proxy.server.state import ProxyState, provider_keys
+from proxy.upstream.client import Disconnected, UpstreamPool, _request_head
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
 

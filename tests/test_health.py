@@ -12,16 +12,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.breaker import CircuitBreaker, State
-from proxy.health import (
+from proxy.config.model import load_rules
+from proxy.core.breaker import CircuitBreaker, State
+from proxy.server.health import (
     RECOVERY_INTERVAL_SECONDS,
     HealthChecker,
     Verdict,
     checker_of,
     judge_status,
 )
-from proxy.rules import load_rules
-from proxy.state import ProxyState
+from proxy.server.state import ProxyState
 from tests.conftest import PRIMARY_KEY, Stack
 from tests.fakes.upstream import RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules

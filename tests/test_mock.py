@@ -1,4 +1,4 @@
-"""The mock upstream (proxy.mock): each wire format, each fault kind, the control API.
+"""The mock upstream (proxy.mock.app): each wire format, each fault kind, the control API.
 
 Every test talks to a real server on 127.0.0.1 through aiohttp (and, for the
 OpenAI format, through the official SDK). Nothing sleeps to wait: tests wait
@@ -24,10 +24,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.mock import FormatName, MockControl, create_mock_app
-from proxy.mock_anthropic import TOOL_PREAMBLE
-from proxy.mock_common import embedding_vector, reply_text, reply_words
-from proxy.mock_faults import FaultSpecError
+from proxy.mock.anthropic import TOOL_PREAMBLE
+from proxy.mock.app import FormatName, MockControl, create_mock_app
+from proxy.mock.common import embedding_vector, reply_text, reply_words
+from proxy.mock.faults import FaultSpecError
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
 from tests.openapi import validate, validate_payloads
 
@@ -1259,7 +1259,7 @@ async def test_bad_fault_specs_are_rejected(
 
 
 async def test_run_mock_prints_its_url_and_stops_on_sigterm(session: aiohttp.ClientSession) -> None:
-    code = "from proxy.mock import run_mock; run_mock('anthropic', '127.0.0.1', 0, name='cli')"
+    code = "from proxy.mock.app import run_mock; run_mock('anthropic', '127.0.0.1', 0, name='cli')"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.outcome import Outcome
+from proxy.core.outcome import Outcome
 from proxy.providers.base import StreamError
 from proxy.providers.openai import OpenAIStreamRelay
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from proxy.breaker import State
+from proxy.core.breaker import State
 from tests.fakes.upstream import RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
 from tests.metrics import Scrape

@@ -6,7 +6,7 @@ from email.utils import formatdate
 
 import pytest
 
-from proxy.ratelimit import (
+from proxy.core.ratelimit import (
     DEFAULT_GATE_SECONDS,
     MAX_GATE_SECONDS,
     MIN_GATE_SECONDS,

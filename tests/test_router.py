@@ -20,8 +20,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.cli import main
-from proxy.errors import InvalidRequest, ModelNotFound
-from proxy.router import (
+from proxy.config.model import (
+    STRATEGIES,
+    TASK_TYPES,
+    Deployment,
+    Provider,
+    RuleSet,
+    Weights,
+    parse_rules,
+)
+from proxy.core.errors import InvalidRequest, ModelNotFound
+from proxy.core.router import (
     LiveView,
     RequestPrefs,
     RoutePlan,
@@ -36,7 +45,6 @@ from proxy.router import (
     plan_route,
     routing_inputs,
 )
-from proxy.rules import STRATEGIES, TASK_TYPES, Deployment, Provider, RuleSet, Weights, parse_rules
 
 CATALOG = """
 version: 1

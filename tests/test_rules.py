@@ -1,4 +1,4 @@
-"""proxy.rules: exact results, every error row, shipped files, route matching, fingerprints."""
+"""proxy.config.model: exact results, every error row, shipped files, routes, fingerprints."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.rules import (
+from proxy.config.model import (
     BreakerOverrides,
     CostCap,
     Defaults,

@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.rules import (
+from proxy.config.model import (
     PROVIDER_TYPES,
     STRATEGIES,
     TASK_TYPES,

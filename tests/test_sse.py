@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import SSEEvent, SSEParser, format_event
+from proxy.core.sse import SSEEvent, SSEParser, format_event
 
 
 def feed_all(chunks: list[bytes], *, close: bool = True) -> list[SSEEvent]:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.rules import TASK_TYPES, TaskType
-from proxy.tasks import (
+from proxy.config.model import TASK_TYPES, TaskType
+from proxy.core.tasks import (
     MAX_LAST_USER_CHARS,
     detect_task,
     detect_task_text,

@@ -1,4 +1,4 @@
-"""proxy.upstream_http against real sockets on 127.0.0.1: framing, keep-alive, failures, TLS.
+"""proxy.upstream.client against real sockets on 127.0.0.1: framing, keep-alive, failures, TLS.
 
 ``FakeUpstream`` writes exact response bytes and records what it received, per
 accepted connection, so a test can count connections and see the client hang
@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import upstream_http
-from proxy.upstream_http import (
+from proxy.upstream import client as upstream_http
+from proxy.upstream.client import (
     HIGH_WATER,
     MAX_HEADER_BYTES,
     ConnectFailed,
@@ -907,7 +907,7 @@ async def test_connect_timeout_when_the_syn_goes_unanswered(pool: UpstreamPool) 
 
 
 class FakeMonotonic:
-    """Stands in for the ``time`` module inside proxy.upstream_http (the pool's clock)."""
+    """Stands in for the ``time`` module inside proxy.upstream.client (the pool's clock)."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -42,8 +42,11 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import InvalidRequest, UnsupportedParameter, error_body
-from proxy.outcome import Outcome
+from proxy.config.model import Deployment, Provider
+from proxy.core.errors import InvalidRequest, UnsupportedParameter, error_body
+from proxy.core.outcome import Outcome
+from proxy.core.ratelimit import parse_retry_after
+from proxy.core.sse import SSEEvent
 from proxy.providers import openai_shapes as shapes
 from proxy.providers.base import (
     DONE,
@@ -55,9 +58,6 @@ from proxy.providers.base import (
     Usage,
 )
 from proxy.providers.stream_base import SSEStreamTranslator
-from proxy.ratelimit import parse_retry_after
-from proxy.rules import Deployment, Provider
-from proxy.sse import SSEEvent
 
 UPSTREAM = "Anthropic"
 ANTHROPIC_VERSION = "2023-06-01"

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.outcome import Outcome
-from proxy.rules import Deployment, Provider
+from proxy.config.model import Deployment, Provider
+from proxy.core.outcome import Outcome
 
 JSONDict = dict[str, Any]
 

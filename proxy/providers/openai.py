@@ -17,8 +17,10 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import error_body
-from proxy.outcome import Outcome, classify_status, is_transient
+from proxy.config.model import Deployment, Provider
+from proxy.core.errors import error_body
+from proxy.core.outcome import Outcome, classify_status, is_transient
+from proxy.core.ratelimit import parse_retry_after
 from proxy.providers.base import (
     Endpoint,
     ErrorInfo,
@@ -27,8 +29,6 @@ from proxy.providers.base import (
     UpstreamRequest,
     Usage,
 )
-from proxy.ratelimit import parse_retry_after
-from proxy.rules import Deployment, Provider
 
 PATHS = {
     Endpoint.CHAT: "/chat/completions",

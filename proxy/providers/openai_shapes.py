@@ -24,8 +24,8 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-from proxy.errors import InvalidRequest, UnsupportedParameter, error_body
-from proxy.outcome import Outcome, classify_status, is_transient
+from proxy.core.errors import InvalidRequest, UnsupportedParameter, error_body
+from proxy.core.outcome import Outcome, classify_status, is_transient
 from proxy.providers.base import ErrorInfo, JSONDict, StreamError
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -16,9 +16,9 @@ Invariants:
 
 from __future__ import annotations
 
+from proxy.core.sse import SSEEvent, SSEParser
 from proxy.providers import openai_shapes as shapes
 from proxy.providers.base import StreamError, Usage
-from proxy.sse import SSEEvent, SSEParser
 
 
 class SSEStreamTranslator:

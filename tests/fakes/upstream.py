@@ -1,6 +1,6 @@
 """Fake upstreams that run inside the test's event loop on 127.0.0.1, port 0.
 
-``running_mock`` serves ``proxy.mock`` (the same server as ``cb-proxy mock``)
+``running_mock`` serves ``proxy.mock.app`` (the same server as ``cb-proxy mock``)
 and gives direct access to its faults and statistics, so tests neither sleep
 nor poll: ``await m.wait_requests(n)`` wakes on the mock's own change event.
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.mock import (
+from proxy.mock.app import (
     MOCK_STATE,
     FormatName,
     MockControl,

@@ -25,7 +25,7 @@ Invariants, true between any two calls:
    would have rejected is counted in ``would_block`` and carries no weight.
    Forced-open rejects in both modes: an explicit admin order outranks the
    rollout switch. Disabled grants everything and records nothing.
-7. The sliding window (``proxy.window``) holds exactly the 1 s buckets
+7. The sliding window (``proxy.core.window``) holds exactly the 1 s buckets
    (head - size, head]; its running totals equal the sum over its buckets.
 8. ``error_rate()`` is in [0, 1], or -1 below ``min_throughput``;
    ``success_ratio()`` is in [0, 1] or -1 with no calls; ``latency_p95_ms()``
@@ -45,11 +45,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ParamSpec, TypeVar
 
-from proxy.errors import ServiceUnavailable
-from proxy.metrics import STATE_VALUES, BreakerView
-from proxy.outcome import Outcome
-from proxy.rules import BreakerOverrides
-from proxy.window import Window
+from proxy.config.model import BreakerOverrides
+from proxy.core.errors import ServiceUnavailable
+from proxy.core.outcome import Outcome
+from proxy.core.window import Window
+from proxy.server.metrics import STATE_VALUES, BreakerView
 
 # A failing reply's Retry-After extends an open period, but never beyond this:
 # a buggy upstream asking for a day must not idle it for a day (health checks
@@ -682,5 +682,5 @@ class BreakerRegistry(BreakerView):
             self.on_transition(name, source, target)
 
 
-# For library use: ``from proxy.breaker import registry``. The proxy builds its own per app.
+# For library use: ``from proxy.core.breaker import registry``. The proxy builds its own per app.
 registry = BreakerRegistry()

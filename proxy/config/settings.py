@@ -16,7 +16,7 @@ DEFAULT_METRICS_LISTEN = "0.0.0.0:9464"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 # Kubernetes' default terminationGracePeriodSeconds is 30 s: drain in 25 s and leave 5 s to exit.
 DEFAULT_GRACE_PERIOD = 25.0
-DEFAULT_RULES = Path(__file__).parent / "data" / "default.yaml"
+DEFAULT_RULES = Path(__file__).parent.parent / "data" / "default.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 LogFormat = Literal["json", "text"]

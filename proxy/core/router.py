@@ -29,7 +29,7 @@ deployment with its reason (all "no key": an empty plan, and the forwarding
 loop answers 503).
 
 The task type is the request's, else the virtual model's, else detected from
-the messages (proxy.tasks), and detection runs only when the ordering needs
+the messages (proxy.core.tasks), and detection runs only when the ordering needs
 it: ``task_specific`` or ``balanced`` over more than one model (a model's
 deployments share its quality ratings).
 
@@ -45,7 +45,7 @@ Invariants:
   so the router asks the LiveView once per provider per request.
 - Lookup tables are compiled once per RuleSet (``_compiled``); a request does
   dictionary lookups, filters over precomputed tuples and, only when the live
-  facts changed, a sort (orders are memoised per pool: proxy.strategies).
+  facts changed, a sort (orders are memoised per pool: proxy.core.strategies).
   Success ratios are compared at 0.1 % resolution (``SUCCESS_DECIMALS``) so
   that a steady trickle of calls does not defeat the memo.
 - Rejection reasons are formatted only when read (``RoutePlan.rejected``).
@@ -60,8 +60,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
-from proxy.errors import InvalidRequest, ModelNotFound
-from proxy.rules import (
+from proxy.config.model import (
     STRATEGIES,
     TASK_TYPES,
     CostCap,
@@ -74,13 +73,14 @@ from proxy.rules import (
     VirtualModel,
     Weights,
 )
-from proxy.strategies import (
+from proxy.core.errors import InvalidRequest, ModelNotFound
+from proxy.core.strategies import (
     UNKNOWN_LATENCY,
     Pool,
     Ranker,
 )
-from proxy.strategies import balanced_scores as balanced_scores
-from proxy.tasks import message_text
+from proxy.core.strategies import balanced_scores as balanced_scores
+from proxy.core.tasks import message_text
 
 EXTENSION_KEY = "circuit_breaker"
 EXTENSION_KEYS = frozenset(

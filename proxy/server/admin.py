@@ -24,10 +24,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.breaker import CircuitBreaker, State
-from proxy.errors import AuthenticationFailed, NotFound, PermissionDenied
-from proxy.health import checker_of
-from proxy.state import ProxyState
+from proxy.core.breaker import CircuitBreaker, State
+from proxy.core.errors import AuthenticationFailed, NotFound, PermissionDenied
+from proxy.server.health import checker_of
+from proxy.server.state import ProxyState
 
 LOG = logging.getLogger("cb_proxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -44,7 +44,7 @@ MUTATIONS: Mapping[str, Callable[[CircuitBreaker], None]] = {
 
 
 def _state(request: web.Request) -> ProxyState:
-    from proxy.api import STATE
+    from proxy.server.api import STATE
 
     return request.app[STATE]
 

@@ -1,6 +1,6 @@
 """Validation of a rules document: every problem, with its path, at once.
 
-``proxy.rules`` holds the frozen model and re-exports ``parse_rules`` and
+``proxy.config.model`` holds the frozen model and re-exports ``parse_rules`` and
 ``load_rules`` from here. The checker walks the decoded YAML once, collecting
 "path: message" problems (unknown keys with a suggestion, wrong types, ranges,
 references, collisions) without stopping at the first; only a document with
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.rules import (
+from proxy.config.model import (
     PROVIDER_TYPES,
     STRATEGIES,
     TASK_TYPES,

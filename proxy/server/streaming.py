@@ -17,9 +17,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.deadline import Guard
-from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.exchange import (
+from proxy.core.errors import UpstreamError, UpstreamTimeout
+from proxy.core.outcome import Outcome
+from proxy.providers.base import ErrorInfo, JSONDict, StreamError, StreamTranslator, Usage
+from proxy.providers.openai import OpenAIStreamRelay
+from proxy.server.exchange import (
     Attempt,
     AttemptFailed,
     Exchange,
@@ -28,10 +30,8 @@ from proxy.exchange import (
     client_error,
     relayed_headers,
 )
-from proxy.outcome import Outcome
-from proxy.providers.base import ErrorInfo, JSONDict, StreamError, StreamTranslator, Usage
-from proxy.providers.openai import OpenAIStreamRelay
-from proxy.upstream_http import PayloadError, Response
+from proxy.upstream.client import PayloadError, Response
+from proxy.upstream.deadline import Guard
 
 LOG = logging.getLogger("cb_proxy.forward")
 SSE_HEADERS = {

@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import InvalidRequest, PayloadTooLarge
-from proxy.forward import Exchange, serve
+from proxy.core.errors import InvalidRequest, PayloadTooLarge
+from proxy.core.router import EXTENSION_KEY, log_plan, parse_prefs, plan_route, routing_inputs
 from proxy.providers.base import Endpoint, JSONDict
-from proxy.router import EXTENSION_KEY, log_plan, parse_prefs, plan_route, routing_inputs
-from proxy.state import REQUEST_INFO, ProxyState
+from proxy.server.forward import Exchange, serve
+from proxy.server.state import REQUEST_INFO, ProxyState
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
 REQUEST_ID_MAX = 128

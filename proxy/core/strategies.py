@@ -1,6 +1,6 @@
 """Ordering strategies: how the router ranks the deployments that survived its filters.
 
-Pure and synchronous; the router (proxy.router) resolves names, filters and
+Pure and synchronous; the router (proxy.core.router) resolves names, filters and
 assembles the plan, and hands each group of candidates to ``Ranker.ordered``.
 
 Orders (ties, finally, by declaration order: a model's deployments as listed,
@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
-from proxy.rules import TaskType, Weights
-from proxy.tasks import detect_task
+from proxy.config.model import TaskType, Weights
+from proxy.core.tasks import detect_task
 
 if TYPE_CHECKING:
-    from proxy.router import Candidate, UpstreamStats
+    from proxy.core.router import Candidate, UpstreamStats
 
 ORDER_MEMO_SIZE = 64  # per pool; live facts are few values per provider, so orders repeat
 UNMEASURED_SUCCESS = 1.0

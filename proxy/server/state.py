@@ -18,18 +18,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
-from proxy.deadline import Watchdog
-from proxy.metrics import Metrics
+from proxy.config.model import Deployment, Provider, RuleSet
+from proxy.config.settings import Settings
+from proxy.core.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
+from proxy.core.ratelimit import RateLimitGate
+from proxy.core.usage import UsageTotals
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.base import ProviderAdapter, RequestAdapter, Usage
 from proxy.providers.gemini import GeminiAdapter
 from proxy.providers.openai import OpenAIAdapter
-from proxy.ratelimit import RateLimitGate
-from proxy.rules import Deployment, Provider, RuleSet
-from proxy.settings import Settings
-from proxy.upstream_http import UpstreamPool
-from proxy.usage import UsageTotals
+from proxy.server.metrics import Metrics
+from proxy.upstream.client import UpstreamPool
+from proxy.upstream.deadline import Watchdog
 
 LOG = logging.getLogger("cb_proxy")
 

@@ -21,13 +21,13 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.mock import MockControl, create_mock_app
-from proxy.rules import load_rules
-from proxy.server import serve
-from proxy.settings import HostPort, Settings
-from proxy.state import ProxyState
+from proxy.config.model import load_rules
+from proxy.config.settings import HostPort, Settings
+from proxy.mock.app import MockControl, create_mock_app
+from proxy.server.lifecycle import serve
+from proxy.server.state import ProxyState
 
-DEMO_RULES = Path(__file__).parent / "data" / "demo.yaml"
+DEMO_RULES = Path(__file__).parent.parent / "data" / "demo.yaml"
 MOCKS = (
     ("mock-openai", "openai", 18081),
     ("mock-openai-backup", "openai", 18082),
@@ -235,7 +235,7 @@ async def _main(port: int, exit_after_tour: bool, color: bool) -> int:
 
 
 def run_demo(*, port: int = 3000, exit_after_tour: bool = False) -> int:
-    from proxy.server import run
+    from proxy.server.lifecycle import run
 
     color = sys.stdout.isatty()
     try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxy.config.model import Deployment
 from proxy.providers.base import Usage
-from proxy.rules import Deployment
 
 # A rough, conservative estimate used only when an upstream reports no usage:
 # about four characters per token for English text (OpenAI's rule of thumb).

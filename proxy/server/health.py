@@ -45,10 +45,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.api import STATE
-from proxy.breaker import State
-from proxy.rules import Provider
-from proxy.state import ProxyState
+from proxy.config.model import Provider
+from proxy.core.breaker import State
+from proxy.server.api import STATE
+from proxy.server.state import ProxyState
 
 LOG = logging.getLogger("cb_proxy.health")
 

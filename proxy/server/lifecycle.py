@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.app import create_admin_app, create_app
-from proxy.metrics import Metrics
-from proxy.rules import RuleSet
-from proxy.settings import Settings
-from proxy.state import ProxyState
+from proxy.config.model import RuleSet
+from proxy.config.settings import Settings
+from proxy.server.app import create_admin_app, create_app
+from proxy.server.metrics import Metrics
+from proxy.server.state import ProxyState
 
 LOG = logging.getLogger("cb_proxy")
 BACKLOG = 1024

@@ -38,8 +38,8 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from proxy.mock_anthropic import AnthropicFormat
-from proxy.mock_common import (
+from proxy.mock.anthropic import AnthropicFormat
+from proxy.mock.common import (
     DEFAULT_WORDS,
     INVALID_JSON,
     Handler,
@@ -49,7 +49,7 @@ from proxy.mock_common import (
     MockRequest,
     StreamReply,
 )
-from proxy.mock_faults import (
+from proxy.mock.faults import (
     BEFORE_REPLY,
     IN_STREAM,
     Fault,
@@ -59,8 +59,8 @@ from proxy.mock_faults import (
     MockStats,
     parse_faults,
 )
-from proxy.mock_gemini import GeminiFormat
-from proxy.mock_openai import OpenAIFormat
+from proxy.mock.gemini import GeminiFormat
+from proxy.mock.openai import OpenAIFormat
 
 FormatName = Literal["openai", "anthropic", "gemini"]
 FORMATS: dict[str, type[MockFormat]] = {

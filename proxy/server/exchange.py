@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.breaker import CircuitBreaker, Permit
-from proxy.errors import ProxyError, UpstreamHTTPError
-from proxy.outcome import Outcome
+from proxy.config.model import RuleSet
+from proxy.core.breaker import CircuitBreaker, Permit
+from proxy.core.errors import ProxyError, UpstreamHTTPError
+from proxy.core.outcome import Outcome
+from proxy.core.router import Candidate, RoutePlan
+from proxy.core.usage import estimate_tokens
 from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, Usage
-from proxy.router import Candidate, RoutePlan
-from proxy.rules import RuleSet
-from proxy.state import ProxyState
-from proxy.usage import estimate_tokens
+from proxy.server.state import ProxyState
 
 # Upstream response headers worth relaying: clients read rate-limit and timing headers.
 RELAYED_PREFIXES = ("x-ratelimit-", "openai-processing-ms", "openai-version")

@@ -273,7 +273,7 @@ def format_problems(err: RulesError) -> str:
 
 
 # The validator lives in its own module; importing it last lets it use the dataclasses above.
-from proxy.rules_check import load_rules, parse_rules  # noqa: E402
+from proxy.config.check import load_rules, parse_rules  # noqa: E402
 
 __all__ = [
     "PROVIDER_TYPES",

@@ -16,8 +16,8 @@ outcome, and either answer the client or move on. Invariants:
 - When every candidate failed, the client gets the first candidate's error;
   when every candidate was rate-limited, a 429 with the smallest Retry-After.
 
-The committed part of a stream lives in ``proxy.streaming``; the request and
-attempt records in ``proxy.exchange``. Deadlines are ``proxy.deadline``
+The committed part of a stream lives in ``proxy.server.streaming``; the request and
+attempt records in ``proxy.server.exchange``. Deadlines are ``proxy.upstream.deadline``
 guards moved forward per phase (first token, then idle gaps, capped by the
 total): an attribute write, not a timer per chunk.
 """
@@ -33,9 +33,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.breaker import CircuitBreaker, Permit
-from proxy.deadline import Guard
-from proxy.errors import (
+from proxy.config.model import RetryPolicy
+from proxy.core.breaker import CircuitBreaker, Permit
+from proxy.core.errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,
@@ -43,7 +43,17 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.exchange import (
+from proxy.core.outcome import Outcome
+from proxy.core.ratelimit import gate_seconds
+from proxy.core.router import Candidate
+from proxy.providers.base import (
+    JSONDict,
+    RequestAdapter,
+    StreamError,
+    UpstreamRequest,
+)
+from proxy.providers.openai import parse_usage
+from proxy.server.exchange import (
     Attempt,
     AttemptFailed,
     Exchange,
@@ -55,20 +65,9 @@ from proxy.exchange import (
     reply_chars,
     retry_headers,
 )
-from proxy.outcome import Outcome
-from proxy.providers.base import (
-    JSONDict,
-    RequestAdapter,
-    StreamError,
-    UpstreamRequest,
-)
-from proxy.providers.openai import parse_usage
-from proxy.ratelimit import gate_seconds
-from proxy.router import Candidate
-from proxy.rules import RetryPolicy
-from proxy.state import ProxyState
-from proxy.streaming import ClientGone, stream, unreadable
-from proxy.upstream_http import (
+from proxy.server.state import ProxyState
+from proxy.server.streaming import ClientGone, stream, unreadable
+from proxy.upstream.client import (
     ConnectFailed,
     ConnectTimeout,
     Disconnected,
@@ -76,6 +75,7 @@ from proxy.upstream_http import (
     Response,
     UpstreamPool,
 )
+from proxy.upstream.deadline import Guard
 
 LOG = logging.getLogger("cb_proxy.forward")
 

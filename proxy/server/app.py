@@ -18,18 +18,18 @@ from contextlib import suppress
 import aiohttp
 from aiohttp import web
 
-from proxy import admin, api, health
-from proxy.api import STATE, request_id
-from proxy.errors import (
+from proxy.config.model import RulesError, file_fingerprint, load_rules
+from proxy.core.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ProxyError,
     UpstreamHTTPError,
 )
-from proxy.rules import RulesError, file_fingerprint, load_rules
-from proxy.state import REQUEST_INFO, ProxyState, RequestInfo
-from proxy.upstream_http import UpstreamPool
+from proxy.server import admin, api, health
+from proxy.server.api import STATE, request_id
+from proxy.server.state import REQUEST_INFO, ProxyState, RequestInfo
+from proxy.upstream.client import UpstreamPool
 
 LOG = logging.getLogger("cb_proxy")
 # Connection pool: a sidecar serves one app; 256 keep-alive connections per upstream host is ample.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from proxy.mock_common import (
+from proxy.mock.common import (
     DEFAULT_EMBEDDING_DIMENSIONS,
     INVALID_JSON,
     MAX_TOOL_CALLS,

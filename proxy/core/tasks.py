@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from proxy.rules import TASK_TYPES, TaskType
+from proxy.config.model import TASK_TYPES, TaskType
 
 MAX_LAST_USER_CHARS = 4000
 MAX_OTHER_CHARS = 1000

@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from proxy.mock_common import (
+from proxy.mock.common import (
     INVALID_JSON,
     MAX_TOOL_CALLS,
     JSONDict,
