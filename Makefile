@@ -42,7 +42,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-DEPLOY_TESTS := tests/test_deploy_static.py tests/test_deploy_live.py
+DEPLOY_TESTS := tests/deploy/test_static.py tests/deploy/test_live.py
 
 unit: install
 	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-report=term:skip-covered \

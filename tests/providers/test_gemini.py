@@ -27,7 +27,7 @@ from proxy.providers.gemini import (
 )
 from tests.openapi import validate, validate_payloads
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 NOW = 1_700_000_000
 CLIENT_MODEL = "gemini-client"
 PROVIDER = Provider(

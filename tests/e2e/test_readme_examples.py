@@ -14,7 +14,7 @@ import pytest
 from tests.fakes.upstream import running_mock
 from tests.harness import ProxyHandle, running_proxy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_MOCKS = (
     ("mock-openai", "openai", 18081),
     ("mock-openai-backup", "openai", 18082),

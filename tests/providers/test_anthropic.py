@@ -18,7 +18,7 @@ from proxy.providers.anthropic import AnthropicAdapter, anthropic_tool_id, trans
 from proxy.providers.base import Endpoint, StreamError
 from tests.openapi import validate, validate_payloads
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 NOW = 1_700_000_000
 CLIENT_MODEL = "claude-client"
 PROVIDER = Provider(

@@ -2,7 +2,7 @@
 
 The rules weigh only quality for ``balanced`` so that which model ``auto``
 picks depends on the detected task alone (live latency of local mocks varies
-from run to run); the strategies' arithmetic is covered in test_router.py.
+from run to run); the strategies' arithmetic is covered in tests/core/test_router.py.
 """
 
 from __future__ import annotations

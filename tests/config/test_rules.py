@@ -36,7 +36,7 @@ from proxy.config.model import (
 )
 
 Doc = dict[str, Any]
-RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 SHIPPED = sorted(
     [RULES_DIR / "default.yaml", RULES_DIR / "demo.yaml", *RULES_DIR.glob("examples/*.yaml")]
 )

@@ -37,7 +37,7 @@ from proxy.server.app import reload_rules
 from tests.fakes.upstream import RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 DEMO_RULES = ROOT / "rules" / "demo.yaml"

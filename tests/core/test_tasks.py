@@ -22,7 +22,7 @@ from proxy.core.tasks import (
     score_task,
 )
 
-PROMPTS_FILE = Path(__file__).parent / "data" / "task_prompts.jsonl"
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "data" / "task_prompts.jsonl"
 MIN_ACCURACY_ALL = 0.90
 MIN_ACCURACY_HELDOUT = 0.85
 MIN_PROMPTS = 240

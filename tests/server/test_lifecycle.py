@@ -203,12 +203,12 @@ virtual_models:
     assert "models.gpt-4o.input_cost_per_1k" in out
     assert "virtual_models.auto.strategy" in out
     assert all(line.startswith(str(bad)) for line in out.strip().splitlines())
-    good = Path(__file__).resolve().parents[1] / "rules" / "default.yaml"
+    good = Path(__file__).resolve().parents[2] / "rules" / "default.yaml"
     assert main(["check", str(good)]) == 0
 
 
 def test_explain_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
-    rules = Path(__file__).resolve().parents[1] / "rules" / "demo.yaml"
+    rules = Path(__file__).resolve().parents[2] / "rules" / "demo.yaml"
     assert main(["explain", "--rules", str(rules), "--model", "gpt-3.5-turbo"]) == 0
     out = capsys.readouterr().out
     assert "gpt-4o-mini@mock-openai" in out
