@@ -7,9 +7,9 @@ Three layers, every problem reported at once, exit status 1 on any:
    CRDs (PodMonitor, PrometheusRule) against our own minimal schemas in deploy/schemas/. A kind with
    no schema is an error, not a warning.
 2. Sidecar policy, for every workload with a container named "cb-proxy": hardened security
-   context, resources, probes on /healthz and /readyz at the metrics port 9464, the env contract of
-   design.md, the rules file mounted where CB_RULES points, the app's OPENAI_BASE_URL, and the
-   shutdown arithmetic (see deploy/k8s/base/deployment.yaml).
+   context, resources, probes on /healthz and /readyz at the metrics port 9464, the env contract
+   of docs/architecture.md, the rules file mounted where CB_RULES points, the app's
+   OPENAI_BASE_URL, and the shutdown arithmetic (see deploy/k8s/base/deployment.yaml).
 3. Cross references: non-optional ConfigMap/Secret references resolve, the PodMonitor selects the
    sidecar pods and names their metrics port and job, the PrometheusRule carries exactly the
    groups of deploy/prometheus/alerts.yml, the dashboard ConfigMap exactly

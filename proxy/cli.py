@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -246,7 +247,17 @@ def _cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_EXTRA_MISSING = (
+    "cb-proxy demo drives its tour with the official OpenAI SDK, which is not installed.\n"
+    'Install it with: pip install "cb-proxy[demo]"   (or: pip install openai)\n'
+)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # The SDK is an optional extra: a plain `pip install cb-proxy` serves traffic without it.
+    if importlib.util.find_spec("openai") is None:
+        sys.stderr.write(DEMO_EXTRA_MISSING)
+        return 2
     from proxy.mock.demo import run_demo
 
     return int(run_demo(port=args.port, exit_after_tour=args.exit_after_tour))

@@ -1,6 +1,6 @@
 """The rules file: YAML -> validated, frozen ``RuleSet``.
 
-Contract (see docs/rules-format.md):
+Contract (see docs/rules.md):
 
 - Every key is known. An unknown key is an error with its path and, when a
   known key is close, a suggestion (``models.gpt-4o.deployments[1].prvider:
@@ -63,7 +63,7 @@ class RulesError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Per-phase upstream timeouts in seconds (breaker.md, 'Retries and failover')."""
+    """Per-phase upstream timeouts in seconds (docs/breaker.md, 'Retries and failover')."""
 
     connect: float = 5.0
     first_token: float = 30.0

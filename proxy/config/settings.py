@@ -1,6 +1,6 @@
 """Environment and command-line flags -> one frozen ``Settings``.
 
-Precedence (design.md): flag > environment > built-in default; per-provider
+Precedence (docs/architecture.md): flag > environment > built-in default; per-provider
 values in the rules file override the breaker defaults found here.
 """
 

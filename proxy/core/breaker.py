@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,7 +48,6 @@ from proxy.config.model import BreakerOverrides
 from proxy.core.errors import ServiceUnavailable
 from proxy.core.outcome import Outcome
 from proxy.core.window import Window
-from proxy.server.metrics import STATE_VALUES, BreakerView
 
 # A failing reply's Retry-After extends an open period, but never beyond this:
 # a buggy upstream asking for a day must not idle it for a day (health checks
@@ -72,6 +70,11 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
     FORCED_OPEN = "forced_open"
     DISABLED = "disabled"
+
+
+# The value each state exports on the ``circuit_breaker_state`` gauge (docs/architecture.md,
+# 'Metrics'): 0 closed, 1 half-open, 2 open. Forced-open reads as open, disabled as closed.
+STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2, "forced_open": 2, "disabled": 0}
 
 
 class Mode(enum.Enum):
@@ -105,7 +108,7 @@ TransitionCallback = Callable[[str, State, State], None]
 
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
-    """Breaker settings (rules-format.md, ``providers.*.breaker``); bad values raise ValueError."""
+    """Breaker settings (docs/rules.md, ``providers.*.breaker``); bad values raise ValueError."""
 
     failure_threshold: int = 5  # consecutive failures that open; 0 turns the rule off
     failure_rate: float = 0.5  # failure ratio in the window that opens ...
@@ -161,9 +164,11 @@ class CircuitBreakerConfig:
         return self.failure_rate if self.slow_call_rate is None else self.slow_call_rate
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> CircuitBreakerConfig:
-        """Defaults from the environment (design.md); unset or empty variables keep the default."""
-        env = os.environ if environ is None else environ
+    def from_env(cls, env: Mapping[str, str]) -> CircuitBreakerConfig:
+        """Defaults from an environment mapping (docs/architecture.md); unset or empty: default.
+
+        The caller passes the mapping (the shell passes ``os.environ``): the core reads no globals.
+        """
         base = cls()
         open_seconds = _env_seconds(env, "CB_TIMEOUT_SECONDS", base.open_seconds)
         return cls(
@@ -616,7 +621,7 @@ def _capped(retry_after: float) -> float:
     return min(max(retry_after, 0.0), MAX_RETRY_AFTER_OPEN_SECONDS)
 
 
-class BreakerRegistry(BreakerView):
+class BreakerRegistry:
     """The breakers by upstream name, created on first use with their configured settings."""
 
     def __init__(

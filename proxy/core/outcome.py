@@ -1,4 +1,4 @@
-"""How one upstream attempt ended, in the breaker's terms (breaker.md, 'Outcomes').
+"""How one upstream attempt ended, in the breaker's terms (docs/breaker.md, 'Outcomes').
 
 Every attempt has exactly one outcome. The classification of HTTP replies
 lives here so the OpenAI, Anthropic and Gemini adapters agree on it; each
@@ -18,7 +18,7 @@ class Outcome(enum.Enum):
     IGNORED = "ignored"  # caller fault or client cancellation: no retry, no fallback
 
 
-# Quick, passing failures worth one retry on the same deployment (breaker.md).
+# Quick, passing failures worth one retry on the same deployment (docs/breaker.md).
 _TRANSIENT_STATUSES = frozenset({500, 502, 503, 529})
 # Codes that mean 'the account is out of money', which no waiting fixes.
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
@@ -44,5 +44,5 @@ def classify_status(
 
 
 def is_transient(status: int) -> bool:
-    """A quick failure worth one retry on the same deployment (breaker.md)."""
+    """A quick failure worth one retry on the same deployment (docs/breaker.md)."""
     return status in _TRANSIENT_STATUSES

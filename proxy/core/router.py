@@ -6,7 +6,7 @@ The router is pure: the caller passes in the live facts (which providers have
 a key, breaker state, latency and success ratio) through the ``LiveView``
 protocol, so the same code answers a real request and ``cb-proxy explain``.
 
-Resolution (rules-format.md): the first matching route rewrites the requested
+Resolution (docs/rules.md): the first matching route rewrites the requested
 model and adds its fallbacks; the resulting name is a model, an alias or a
 virtual model. Its deployments (a virtual model's: those of its candidates,
 or of every chat model, i.e. every model that rates its quality, when it
@@ -41,7 +41,7 @@ Invariants:
 - A deployment appears at most once in ``candidates``; every deployment
   considered and not there has exactly one Rejection.
 - Deterministic: the same rules, request and live facts give the same plan.
-- Live facts are per upstream (one breaker per provider, breaker.md "Keys"),
+- Live facts are per upstream (one breaker per provider, docs/breaker.md "Keys"),
   so the router asks the LiveView once per provider per request.
 - Lookup tables are compiled once per RuleSet (``_compiled``); a request does
   dictionary lookups, filters over precomputed tuples and, only when the live

@@ -1,7 +1,7 @@
 """Task-type detection: OpenAI chat messages -> "chat" | "coding" | "analysis" | "creative".
 
 Used by ``task_specific`` and ``balanced`` routing when the request names no
-``task_type`` (rules-format.md). It is a cheap heuristic, not a model: weighted
+``task_type`` (docs/rules.md). It is a cheap heuristic, not a model: weighted
 words, phrases and shapes of text (code fences, stack traces, camelCase, lists
 of numbers...), all compiled once at import. Accuracy on the labelled prompts
 in tests/data/task_prompts.jsonl is asserted in tests/test_tasks.py.

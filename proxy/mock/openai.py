@@ -1,6 +1,6 @@
 """The mock upstream's OpenAI wire format: chat, legacy completions, embeddings, models.
 
-Replies follow the official OpenAPI spec and wire-formats.md: a stream is
+Replies follow the official OpenAPI spec and docs/wire-formats.md: a stream is
 ``data: <json>\\n\\n`` events only, ``role`` once in the first delta, each tool
 call's ``id``/``type``/``name`` once in its first delta, a final chunk with
 ``finish_reason``, a usage chunk only when ``stream_options.include_usage``,

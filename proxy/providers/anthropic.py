@@ -1,4 +1,4 @@
-"""OpenAI chat completions <-> Anthropic Messages (wire-formats.md, 'OpenAI to Anthropic').
+"""OpenAI chat completions <-> Anthropic Messages (docs/wire-formats.md, 'OpenAI to Anthropic').
 
 Request invariants:
 - ``system``/``developer`` messages are lifted from anywhere in the list into
@@ -328,7 +328,7 @@ def _usage_dict(prompt: int, completion: int, cache_read: int) -> JSONDict:
 
 def _prompt_tokens(usage: JSONDict) -> int:
     # Anthropic reports cached input apart from input_tokens; OpenAI's
-    # prompt_tokens counts everything the model read (wire-formats.md, Usage).
+    # prompt_tokens counts everything the model read (docs/wire-formats.md, Usage).
     return int(
         (usage.get("input_tokens") or 0)
         + (usage.get("cache_creation_input_tokens") or 0)

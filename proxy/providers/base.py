@@ -5,7 +5,7 @@ the upstream's reply back into OpenAI format, and classifies upstream errors
 into breaker outcomes. Everything here is synchronous and I/O-free: the
 forwarding loop (``forward``) does the sending, the adapter only translates.
 
-Stream invariants every ``StreamTranslator`` keeps (wire-formats.md):
+Stream invariants every ``StreamTranslator`` keeps (docs/wire-formats.md):
 - ``feed`` accepts upstream bytes split anywhere (inside an event, inside a
   UTF-8 sequence) and returns complete OpenAI ``data:`` payloads in order;
 - ``has_content`` turns True with the first payload that carries content

@@ -1,4 +1,4 @@
-"""OpenAI chat completions and embeddings <-> Gemini (wire-formats.md, 'OpenAI to Gemini').
+"""OpenAI chat completions and embeddings <-> Gemini (docs/wire-formats.md, 'OpenAI to Gemini').
 
 Request invariants:
 - system/developer messages become ``systemInstruction`` parts (one per

@@ -150,7 +150,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         keepalive_timeout=KEEPALIVE_SECONDS,
         enable_cleanup_closed=False,
     )
-    # total=None: aiohttp's default 300 s total must not cut long streams (breaker.md).
+    # total=None: aiohttp's default 300 s total must not cut long streams (docs/breaker.md).
     state.session = aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None),

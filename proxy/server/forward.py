@@ -188,7 +188,7 @@ def _too_small_after(errors: list[AttemptFailed], cand: Candidate) -> bool:
 
 
 def _retry_budget(state: ProxyState, policy: RetryPolicy) -> float:
-    """Retries in flight never exceed max(3, budget_ratio of active requests) (breaker.md)."""
+    """Retries in flight never exceed max(3, budget_ratio of active requests) (docs/breaker.md)."""
     return max(RETRY_BUDGET_FLOOR, policy.budget_ratio * state.in_flight)
 
 
@@ -196,7 +196,7 @@ def _retry_wait(failed: AttemptFailed, policy: RetryPolicy, state: ProxyState) -
     """Seconds to wait before retrying the same deployment, or None for no retry."""
     retry_after = failed.info.retry_after if failed.info is not None else None
     if failed.outcome is Outcome.RATE_LIMITED:
-        # breaker.md: a 429 asking for at most max_retry_wait is retried once on the same
+        # docs/breaker.md: a 429 asking for at most max_retry_wait is retried once on the same
         # deployment, keeping the model the client asked for; otherwise fail over at once.
         if retry_after is not None and retry_after <= policy.max_retry_wait:
             return retry_after
@@ -282,7 +282,7 @@ async def _attempt(
         attempt.finish(ex, failed.outcome, retry_after)
         raise
     except asyncio.CancelledError:
-        # The client went away (breaker.md: ignored): a probe slot returns, nothing counts.
+        # The client went away (docs/breaker.md: ignored): a probe slot returns, nothing counts.
         attempt.finish(ex, Outcome.IGNORED)
         raise
     except BaseException:
@@ -304,7 +304,7 @@ async def _send(
     timeouts = cand.provider.timeouts
     loop = asyncio.get_running_loop()
     sent = loop.time()
-    # The request's total deadline (breaker.md: the outermost layer) bounds every attempt.
+    # The request's total deadline (docs/breaker.md: the outermost layer) bounds every attempt.
     total_deadline = min(sent + timeouts.total, request_deadline)
     phase = _Phase.CONNECT
     try:

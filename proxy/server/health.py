@@ -1,4 +1,4 @@
-"""Active health checks (breaker.md, 'Active health checks').
+"""Active health checks (docs/breaker.md, 'Active health checks').
 
 One task per API app sends each provider's ``health_request`` (its models
 endpoint unless the rules name another path) on a schedule, and tells the
@@ -53,14 +53,14 @@ from proxy.server.state import ProxyState
 LOG = logging.getLogger("cb_proxy.health")
 
 HEALTH_CHECK_TIMEOUT_SECONDS = 5.0
-# breaker.md: checks come every 10 s while the breaker is not closed, whatever the interval.
+# docs/breaker.md: checks come every 10 s while the breaker is not closed, whatever the interval.
 RECOVERY_INTERVAL_SECONDS = 10.0
 # A tiny configured interval would turn the loop into a flood against the upstream.
 MIN_INTERVAL_SECONDS = 1.0
 # A models list is a few kB; a misconfigured path must not make us download a large file.
 MAX_BODY_BYTES = 1024 * 1024
 FAILURES_TO_TRIP = 2
-# 429 and 408 say "slow down" or "too slow this time", not "down" (breaker.md).
+# 429 and 408 say "slow down" or "too slow this time", not "down" (docs/breaker.md).
 # 401/403: our key was refused; 402: the account cannot pay. Both break every request.
 KEY_FAILURE_STATUSES = frozenset({401, 402, 403})
 RECOVERING_STATES = frozenset({State.OPEN, State.HALF_OPEN})

@@ -1,6 +1,6 @@
 """Every Prometheus metric the proxy exports, on an injected registry.
 
-Names are public contract (design.md, 'Metrics'): the alert rules in
+Names are public contract (docs/architecture.md, 'Metrics'): the alert rules in
 deploy/prometheus and the dashboard in deploy/grafana read them. Label values
 come only from small fixed sets (upstream and model names from the rules,
 outcome, code class, reason): never from free text, so cardinality is bounded
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -37,24 +38,21 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 # The proxy's own overhead should be well under a millisecond.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 
-# Breaker state gauge values (design.md): 0 closed, 1 half-open, 2 open.
-STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2, "forced_open": 2, "disabled": 0}
 
-
-class BreakerView:
-    """What the breaker gauges read at scrape time; implemented by the breaker registry."""
+class BreakerView(Protocol):
+    """What the breaker gauges read at scrape time; the core's breaker registry provides it."""
 
     def breaker_gauges(self) -> Iterable[tuple[str, int, float, float]]:
         """(upstream, state value, error rate 0..1 or -1, p95 latency ms or -1) per upstream."""
-        return ()
+        ...
 
     def breaker_counters(self) -> Iterable[tuple[str, int]]:
         """(upstream, calls the breaker would have rejected in monitor-only mode) per upstream."""
-        return ()
+        ...
 
 
 class _BreakerCollector(Collector):
-    """Reads breaker state lazily at scrape time (breaker.md: no timers needed)."""
+    """Reads breaker state lazily at scrape time (docs/breaker.md: no timers needed)."""
 
     def __init__(self, source: Callable[[], BreakerView | None]) -> None:
         self._source = source

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from proxy.config.model import BreakerOverrides
 from proxy.core.breaker import (
     MAX_RETRY_AFTER_OPEN_SECONDS,
+    STATE_VALUES,
     TRANSITIONS,
     BreakerRegistry,
     CircuitBreaker,
@@ -28,7 +29,7 @@ from proxy.core.breaker import (
 )
 from proxy.core.outcome import Outcome, classify_status
 from proxy.core.ratelimit import parse_retry_after
-from proxy.server.metrics import STATE_VALUES, Metrics
+from proxy.server.metrics import Metrics
 
 T0 = 1000.0  # a whole second, so bucket boundaries fall on round numbers
 

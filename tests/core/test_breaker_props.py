@@ -9,9 +9,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from proxy.core.breaker import CircuitBreaker, CircuitBreakerConfig, Mode, Permit, State
+from proxy.core.breaker import (
+    STATE_VALUES,
+    CircuitBreaker,
+    CircuitBreakerConfig,
+    Mode,
+    Permit,
+    State,
+)
 from proxy.core.outcome import Outcome
-from proxy.server.metrics import STATE_VALUES
 
 CONFIG = CircuitBreakerConfig(
     failure_threshold=3,

@@ -1,4 +1,4 @@
-"""Retry-After parsing and the (upstream, model) rate-limit gate (breaker.md, case 18)."""
+"""Retry-After parsing and the (upstream, model) rate-limit gate (docs/breaker.md, case 18)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Breaker, retries and failover end to end: the official SDK -> proxy -> mock upstreams.
 
-breaker.md cases 20-24 and the retry rules, on real sockets: the proxy runs in
+docs/breaker.md cases 20-24 and the retry rules, on real sockets: the proxy runs in
 the test's event loop in front of two mock upstreams (``primary`` first,
 ``backup`` second) with short timeouts. The mocks' texts differ in length
 (PRIMARY_WORDS vs BACKUP_WORDS) so a test can tell whose content reached the
@@ -281,7 +281,7 @@ async def test_all_breakers_open_gives_503_with_the_soonest_half_open_time(tmp_p
 
 
 async def test_first_candidates_error_is_kept_when_its_retry_is_refused(tmp_path: Path) -> None:
-    """breaker.md: 'When everything fails: the first candidate's error'.
+    """docs/breaker.md: 'When everything fails: the first candidate's error'.
 
     The primary trips on its first failure (threshold 1), so the breaker refuses
     the same-deployment retry; the primary was still tried and failed, so its
@@ -475,7 +475,7 @@ async def test_rate_limit_storm_gates_the_primary_then_429_with_the_smallest_ret
 
 
 async def test_short_rate_limit_is_retried_once_on_the_same_deployment(tmp_path: Path) -> None:
-    """breaker.md: a 429 whose Retry-After is at most max_retry_wait is retried once."""
+    """docs/breaker.md: a 429 whose Retry-After is at most max_retry_wait is retried once."""
     async with rig(tmp_path) as r:
         await r.primary.set_fault(kind="rate_limit", retry_after="1", count=1)
         headers, body = await chat(r)
@@ -638,7 +638,7 @@ async def test_client_disconnect_cancels_the_upstream_call_and_is_not_a_failure(
                     await call
         await r.primary.wait_cancelled(1)
         breaker = r.proxy.state.breaker("primary")
-        # breaker.md: a client disconnect is an 'ignored' outcome, never a failure.
+        # docs/breaker.md: a client disconnect is an 'ignored' outcome, never a failure.
         await settle(r, lambda: breaker.get_metrics()["reports"]["ignored"] == 1)
         reports = breaker.get_metrics()["reports"]
         assert reports["failure"] == 0

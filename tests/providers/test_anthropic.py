@@ -1,4 +1,4 @@
-"""OpenAI <-> Anthropic Messages: every mapping row and pitfall of wire-formats.md, golden style."""
+"""OpenAI <-> Anthropic Messages: every mapping row and pitfall of docs/wire-formats.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OpenAI <-> Gemini: every mapping row and pitfall of wire-formats.md, golden style."""
+"""OpenAI <-> Gemini: every mapping row and pitfall of docs/wire-formats.md, golden style."""
 
 from __future__ import annotations
 
