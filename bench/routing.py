@@ -16,8 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.model import RuleSet, parse_rules
-from proxy.core.router import RequestPrefs, StaticView, plan_route
+from proxy.config.check import parse_rules
+from proxy.config.model import RuleSet
+from proxy.core.candidates import StaticView
+from proxy.core.prefs import RequestPrefs
+from proxy.core.router import plan_route
 
 CATALOG_SIZE = 50
 PROVIDER_TYPES = ("openai", "anthropic", "gemini")

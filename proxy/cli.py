@@ -8,9 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from proxy.config.model import STRATEGIES, TASK_TYPES, RulesError, format_problems, load_rules
+from proxy.config.check import load_rules
+from proxy.config.model import STRATEGIES, TASK_TYPES, RulesError, format_problems
 from proxy.config.settings import SettingsError, load_settings
-from proxy.core.router import RequestPrefs, StaticView, parse_prefs, plan_route
+from proxy.core.candidates import StaticView
+from proxy.core.prefs import RequestPrefs, parse_prefs
+from proxy.core.router import plan_route
 from proxy.server.logs import setup_logging
 
 
@@ -110,7 +113,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     """Print the plan ``plan_route`` makes for a request, with no live stats (StaticView)."""
     from proxy.core.errors import ProxyError
-    from proxy.core.router import candidate_facts, estimate_prompt_tokens, format_usd
+    from proxy.core.explain import candidate_facts
+    from proxy.core.prefs import estimate_prompt_tokens
+    from proxy.core.router import format_usd
     from proxy.core.tasks import guess_task
 
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.config.model import load_rules
+from proxy.config.check import load_rules
 from proxy.config.settings import HostPort, Settings
 from proxy.server.lifecycle import serve
 from proxy.server.state import ProxyState

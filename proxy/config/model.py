@@ -272,9 +272,6 @@ def format_problems(err: RulesError) -> str:
     return "\n".join(f"{err.source}: {problem}" for problem in err.problems)
 
 
-# The validator lives in its own module; importing it last lets it use the dataclasses above.
-from proxy.config.check import load_rules, parse_rules  # noqa: E402
-
 __all__ = [
     "PROVIDER_TYPES",
     "STRATEGIES",
@@ -298,6 +295,4 @@ __all__ = [
     "Weights",
     "file_fingerprint",
     "format_problems",
-    "load_rules",
-    "parse_rules",
 ]

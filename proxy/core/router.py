@@ -53,242 +53,31 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
 
-from proxy.config.model import (
-    STRATEGIES,
-    TASK_TYPES,
-    CostCap,
-    Deployment,
-    Model,
-    Provider,
-    RuleSet,
-    Strategy,
-    TaskType,
-    VirtualModel,
-    Weights,
-)
+from proxy.config.model import TASK_TYPES, CostCap, Model, RuleSet, TaskType, VirtualModel, Weights
+from proxy.core.candidates import Candidate, LiveView, UpstreamStats
 from proxy.core.errors import InvalidRequest, ModelNotFound
+from proxy.core.prefs import EXTENSION_KEY, RequestPrefs
 from proxy.core.strategies import (
     UNKNOWN_LATENCY,
     Pool,
     Ranker,
 )
-from proxy.core.strategies import balanced_scores as balanced_scores
-from proxy.core.tasks import message_text
 
-EXTENSION_KEY = "circuit_breaker"
-EXTENSION_KEYS = frozenset(
-    {"routing_strategy", "task_type", "max_cost_per_1k_tokens", "max_latency_ms", "fallback_models"}
-)
 VIRTUAL_PREFIX = "cb:"  # names in this namespace are virtual models (404 lists only those)
-CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text; a cheap estimate, not a tokenizer
 COMPILED_CACHE_SIZE = 2  # RuleSets whose tables are kept: the current one and the one before
 UNRATED_QUALITY = 0.0
 SUCCESS_DECIMALS = 3  # success ratios are compared at 0.1 % resolution
 HEADER_SAFE = frozenset(map(chr, range(0x20, 0x7F)))
 
-LOG = logging.getLogger("cb_proxy.route")
-
-_EMPTY: Mapping[str, float] = MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class RequestPrefs:
-    """The per-request ``circuit_breaker`` extension, validated."""
-
-    routing_strategy: Strategy | None = None
-    task_type: TaskType | None = None
-    max_cost: CostCap | None = None
-    max_latency_ms: float | None = None
-    fallback_models: tuple[str, ...] = ()
-
-
-NO_PREFS = RequestPrefs()
-
-
-def _param(key: str) -> str:
-    return f"{EXTENSION_KEY}.{key}"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def parse_prefs(raw: object) -> RequestPrefs:
-    """Validate the extension object; InvalidRequest (400) naming the key otherwise."""
-    if raw is None:
-        return NO_PREFS
-    if not isinstance(raw, dict):
-        raise InvalidRequest(f"'{EXTENSION_KEY}' must be an object", param=EXTENSION_KEY)
-    unknown = sorted(set(raw) - EXTENSION_KEYS)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown key '{unknown[0]}' in '{EXTENSION_KEY}'; "
-            f"known keys: {', '.join(sorted(EXTENSION_KEYS))}",
-            param=_param(unknown[0]),
-        )
-    strategy = raw.get("routing_strategy")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise InvalidRequest(
-            f"routing_strategy must be one of {', '.join(STRATEGIES)}",
-            param=_param("routing_strategy"),
-        )
-    task = raw.get("task_type")
-    if task is not None and task not in TASK_TYPES:
-        raise InvalidRequest(
-            f"task_type must be one of {', '.join(TASK_TYPES)}", param=_param("task_type")
-        )
-    cap = raw.get("max_cost_per_1k_tokens")
-    max_cost: CostCap | None = None
-    if cap is not None:
-        if _is_number(cap) and cap >= 0:
-            max_cost = CostCap(float(cap), float(cap))
-        elif (
-            isinstance(cap, dict)
-            and set(cap) <= {"input", "output"}
-            and cap
-            and all(_is_number(v) and v >= 0 for v in cap.values())
-        ):
-            inf = float("inf")
-            max_cost = CostCap(float(cap.get("input", inf)), float(cap.get("output", inf)))
-        else:
-            raise InvalidRequest(
-                "max_cost_per_1k_tokens must be a non-negative number or {input, output}",
-                param=_param("max_cost_per_1k_tokens"),
-            )
-    latency = raw.get("max_latency_ms")
-    if latency is not None and not (_is_number(latency) and latency > 0):
-        raise InvalidRequest(
-            "max_latency_ms must be a positive number", param=_param("max_latency_ms")
-        )
-    fallbacks = raw.get("fallback_models", ())
-    if not isinstance(fallbacks, list | tuple) or not all(isinstance(m, str) for m in fallbacks):
-        raise InvalidRequest(
-            "fallback_models must be a list of model names", param=_param("fallback_models")
-        )
-    return RequestPrefs(
-        routing_strategy=strategy,
-        task_type=task,
-        max_cost=max_cost,
-        max_latency_ms=float(latency) if latency is not None else None,
-        fallback_models=tuple(fallbacks),
-    )
-
-
-# --------------------------------------------------------------------------- request inputs
-
-
-def _chars(value: object) -> int:
-    """Characters of a prompt-like value: a string, text parts, or (for a batch) the longest."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list) and value:
-        if all(isinstance(v, int) for v in value):  # a pre-tokenized prompt
-            return len(value) * CHARS_PER_TOKEN
-        return max(_chars(v) for v in value)
-    return 0
-
-
-def estimate_prompt_tokens(body: Mapping[str, object]) -> int:
-    """Tokens of a request's prompt, estimated as characters / 4 (rounded up).
-
-    Chat: the text of every message. Completions and embeddings: the longest
-    prompt or input of a batch, since each item is limited on its own.
-    """
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        chars = 0
-        for message in messages:
-            if isinstance(message, dict):
-                content = message.get("content")
-                chars += len(content) if isinstance(content, str) else len(message_text(content))
-    else:
-        chars = _chars(body.get("prompt", body.get("input")))
-    return -(-chars // CHARS_PER_TOKEN)
-
-
-def routing_inputs(body: Mapping[str, object]) -> tuple[Sequence[Mapping[str, object]], int]:
-    """What ``plan_route`` needs from a request body: messages (for task detection) and
-    the estimated prompt tokens (for context windows)."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        return messages, estimate_prompt_tokens(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return ({"role": "user", "content": prompt},), estimate_prompt_tokens(body)
-    return (), estimate_prompt_tokens(body)
-
-
-# --------------------------------------------------------------------------- live view
-
-
-class LiveView(Protocol):
-    """Live facts about upstreams that routing depends on.
-
-    The router asks once per provider per request (breakers are per provider)
-    and uses the answer for every deployment on that provider.
-    """
-
-    def has_key(self, provider: Provider) -> bool: ...
-
-    def is_blocked(self, deployment: Deployment) -> bool:
-        """True when the deployment's breaker is open (no probe allowed now)."""
-        ...
-
-    def latency_ms(self, deployment: Deployment) -> float | None:
-        """Live p95 latency in ms over the breaker window; None when nothing was measured."""
-        ...
-
-    def success_ratio(self, deployment: Deployment) -> float | None:
-        """Share of calls that succeeded in the breaker window (0..1); None with no calls."""
-        ...
-
-
-class StaticView:
-    """Every provider usable, no breaker open, nothing measured: for `explain` and tests."""
-
-    def has_key(self, provider: Provider) -> bool:
-        return True
-
-    def is_blocked(self, deployment: Deployment) -> bool:
-        return False
-
-    def latency_ms(self, deployment: Deployment) -> float | None:
-        return None
-
-    def success_ratio(self, deployment: Deployment) -> float | None:
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamStats:
-    """What the router knew about one upstream (provider) when it planned."""
-
-    available: bool  # has its key
-    blocked: bool  # breaker open now
-    latency_ms: float | None = None  # live p95; None = not measured (or not asked)
-    success_ratio: float | None = None  # None = no calls in the window (or not asked)
-
-
 _NO_STATS: Mapping[str, UpstreamStats] = MappingProxyType({})
 
 
 # --------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    deployment: Deployment
-    provider: Provider
-    context_window: int | None
-    # The model's quality ratings (shared by its deployments), for explain and the log.
-    quality: Mapping[str, float] = field(default_factory=lambda: _EMPTY, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,7 +499,7 @@ def plan_route(
                 if fb is None:
                     raise InvalidRequest(
                         f"fallback model '{fallback}' does not exist in the proxy's rules",
-                        param=_param("fallback_models"),
+                        param=f"{EXTENSION_KEY}.fallback_models",
                     )
                 fb_pool = fb.pool
                 fb_idx = planner.eligible(
@@ -757,96 +546,3 @@ def plan_route(
         max_cost=cost_cap,
         max_latency_ms=latency_cap,
     )
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-@dataclass(frozen=True, slots=True)
-class CandidateFacts:
-    """One candidate as the router saw it: for ``explain`` and the debug log."""
-
-    candidate: Candidate
-    role: str  # "primary" | "fallback"
-    price_per_1k: float
-    latency_ms: float | None
-    latency_source: str  # "p95" | "prior" | "unknown"
-    success_ratio: float | None  # None = not measured
-    quality: float | None  # for the plan's task type; the mean rating when none
-    score: float | None  # balanced only
-    blocked: bool
-
-
-def candidate_facts(plan: RoutePlan) -> list[CandidateFacts]:
-    """The facts behind each candidate's place, from the plan's own snapshot of live stats."""
-    facts = []
-    for k, cand in enumerate(plan.candidates):
-        dep = cand.deployment
-        stats = plan.stats.get(dep.provider)
-        measured = stats.latency_ms if stats is not None else None
-        if measured is not None:
-            latency, source = measured, "p95"
-        elif dep.latency_ms is not None:
-            latency, source = dep.latency_ms, "prior"
-        else:
-            latency, source = None, "unknown"
-        if plan.task_type is not None:
-            quality: float | None = cand.quality.get(plan.task_type, UNRATED_QUALITY)
-        elif cand.quality:
-            quality = sum(cand.quality.values()) / len(cand.quality)
-        else:
-            quality = None
-        facts.append(
-            CandidateFacts(
-                candidate=cand,
-                role="primary" if k < plan.primary_count else "fallback",
-                price_per_1k=dep.input_cost_per_1k + dep.output_cost_per_1k,
-                latency_ms=latency,
-                latency_source=source,
-                success_ratio=stats.success_ratio if stats is not None else None,
-                quality=quality,
-                score=plan.scores[k] if k < len(plan.scores) else None,
-                blocked=any(b is cand for b in plan.blocked),
-            )
-        )
-    return facts
-
-
-def plan_log_fields(plan: RoutePlan) -> dict[str, object]:
-    """The full plan as JSON-ready fields, for the debug log line of a request."""
-    cap = plan.max_cost
-    return {
-        "requested": plan.requested,
-        "resolved": plan.resolved,
-        "strategy": plan.strategy,
-        "task_type": plan.task_type,
-        "task_source": plan.task_source or None,
-        "chosen": plan.candidates[0].deployment.key if plan.candidates else None,
-        "reason": plan.reason,
-        "prompt_tokens": plan.prompt_tokens,
-        "max_cost_per_1k": None if cap is None else {"input": cap.input, "output": cap.output},
-        "max_latency_ms": plan.max_latency_ms,
-        "candidates": [
-            {
-                "deployment": f.candidate.deployment.key,
-                "role": f.role,
-                "price_per_1k": f.price_per_1k,
-                "latency_ms": f.latency_ms,
-                "latency_source": f.latency_source,
-                "success_ratio": f.success_ratio,
-                "quality": f.quality,
-                "score": f.score,
-                "blocked": f.blocked,
-            }
-            for f in candidate_facts(plan)
-        ],
-        "rejected": [{"deployment": r.deployment, "reason": r.reason} for r in plan.rejected],
-    }
-
-
-def log_plan(plan: RoutePlan, request_id: str) -> None:
-    """One structured debug line per request with the whole plan (LOG_LEVEL=debug)."""
-    if LOG.isEnabledFor(logging.DEBUG):
-        fields = plan_log_fields(plan)
-        fields["request_id"] = request_id
-        LOG.debug("route %s: %s", request_id, plan.header(), extra={"cb": fields})

@@ -45,13 +45,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import TYPE_CHECKING
 
 from proxy.config.model import TaskType, Weights
+from proxy.core.candidates import Candidate, UpstreamStats
 from proxy.core.tasks import detect_task
-
-if TYPE_CHECKING:
-    from proxy.core.router import Candidate, UpstreamStats
 
 ORDER_MEMO_SIZE = 64  # per pool; live facts are few values per provider, so orders repeat
 UNMEASURED_SUCCESS = 1.0

@@ -10,11 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from proxy.config.model import Deployment
-from proxy.providers.base import Usage
 
 # A rough, conservative estimate used only when an upstream reports no usage:
 # about four characters per token for English text (OpenAI's rule of thumb).
 CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 def cost_usd(deployment: Deployment, usage: Usage) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config.model import load_rules
+from proxy.config.check import load_rules
 from proxy.config.settings import HostPort, Settings
 from proxy.mock.app import MockControl, create_mock_app
 from proxy.server.lifecycle import serve

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from proxy.config.model import Deployment, Provider
 from proxy.core.outcome import Outcome
+from proxy.core.usage import Usage as Usage  # part of the adapter seam
 
 JSONDict = dict[str, Any]
 
@@ -45,16 +46,6 @@ class UpstreamRequest:
     url: str
     headers: Mapping[str, str]
     body: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ is never forwarded upstream), plans the route and hands over to ``forward``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,9 @@ import orjson
 from aiohttp import web
 
 from proxy.core.errors import InvalidRequest, PayloadTooLarge
-from proxy.core.router import EXTENSION_KEY, log_plan, parse_prefs, plan_route, routing_inputs
+from proxy.core.explain import plan_log_fields
+from proxy.core.prefs import EXTENSION_KEY, parse_prefs, routing_inputs
+from proxy.core.router import RoutePlan, plan_route
 from proxy.providers.base import Endpoint, JSONDict
 from proxy.server.forward import Exchange, serve
 from proxy.server.state import REQUEST_INFO, ProxyState
@@ -28,6 +31,17 @@ REQUEST_ID_MAX = 128
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Wrap = Callable[[Handler, str | None], Handler]
+
+
+ROUTE_LOG = logging.getLogger("cb_proxy.route")
+
+
+def log_plan(plan: RoutePlan, request_id: str) -> None:
+    """One structured debug line per request with the whole plan (LOG_LEVEL=debug)."""
+    if ROUTE_LOG.isEnabledFor(logging.DEBUG):
+        fields = plan_log_fields(plan)
+        fields["request_id"] = request_id
+        ROUTE_LOG.debug("route %s: %s", request_id, plan.header(), extra={"cb": fields})
 
 
 def _bare(handler: Handler, endpoint: str | None) -> Handler:

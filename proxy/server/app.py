@@ -18,7 +18,8 @@ from contextlib import suppress
 import aiohttp
 from aiohttp import web
 
-from proxy.config.model import RulesError, file_fingerprint, load_rules
+from proxy.config.check import load_rules
+from proxy.config.model import RulesError, file_fingerprint
 from proxy.core.errors import (
     MethodNotAllowed,
     NotFound,

@@ -17,9 +17,10 @@ from aiohttp import web
 
 from proxy.config.model import RuleSet
 from proxy.core.breaker import CircuitBreaker, Permit
+from proxy.core.candidates import Candidate
 from proxy.core.errors import ProxyError, UpstreamHTTPError
 from proxy.core.outcome import Outcome
-from proxy.core.router import Candidate, RoutePlan
+from proxy.core.router import RoutePlan
 from proxy.core.usage import estimate_tokens
 from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, Usage
 from proxy.server.state import ProxyState

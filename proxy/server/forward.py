@@ -35,6 +35,7 @@ from aiohttp import web
 
 from proxy.config.model import RetryPolicy
 from proxy.core.breaker import CircuitBreaker, Permit
+from proxy.core.candidates import Candidate
 from proxy.core.errors import (
     InvalidRequest,
     ProxyError,
@@ -45,7 +46,7 @@ from proxy.core.errors import (
 )
 from proxy.core.outcome import Outcome
 from proxy.core.ratelimit import gate_seconds
-from proxy.core.router import Candidate
+from proxy.providers import registry as providers
 from proxy.providers.base import (
     JSONDict,
     RequestAdapter,
@@ -255,7 +256,7 @@ async def _attempt(
     pool = state.upstream
     if pool is None:
         raise RuntimeError("upstream client not started")
-    adapter = state.adapters[cand.provider.type]
+    adapter = providers.adapter(cand.provider.type)
     try:
         req = adapter.build_request(
             ex.endpoint,
@@ -399,9 +400,10 @@ async def _read_body(resp: Response, deadline: Guard, idle: float, total_deadlin
 def _reply_object(ex: Exchange, attempt: Attempt, raw: bytes) -> JSONDict:
     """The upstream's 2xx body as an OpenAI response object; AttemptFailed if unusable."""
     cand = attempt.cand
-    if cand.provider.type != "openai":
+    translator = providers.translator(cand.provider.type)
+    if translator is not None:
         try:
-            return ex.state.translators[cand.provider.type].parse_response(
+            return translator.parse_response(
                 ex.endpoint,
                 raw,
                 cand.deployment,
@@ -446,7 +448,7 @@ def _plain_response(
         obj["circuit_breaker"] = metadata(ex, attempt, cost)
         body = orjson.dumps(obj)
     else:
-        body = raw if cand.provider.type == "openai" else orjson.dumps(obj)
+        body = raw if providers.translator(cand.provider.type) is None else orjson.dumps(obj)
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 

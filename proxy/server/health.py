@@ -47,6 +47,7 @@ from aiohttp import web
 
 from proxy.config.model import Provider
 from proxy.core.breaker import State
+from proxy.providers import registry as providers
 from proxy.server.api import STATE
 from proxy.server.state import ProxyState
 
@@ -259,7 +260,7 @@ class HealthChecker:
             return Verdict.SKIPPED, "the client session is not running", None
         started = time.perf_counter()
         try:
-            request = state.adapters[provider.type].health_request(
+            request = providers.adapter(provider.type).health_request(
                 provider, state.keys.get(provider.name)
             )
             async with session.request(

@@ -23,10 +23,7 @@ from proxy.config.settings import Settings
 from proxy.core.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
 from proxy.core.ratelimit import RateLimitGate
 from proxy.core.usage import UsageTotals
-from proxy.providers.anthropic import AnthropicAdapter
-from proxy.providers.base import ProviderAdapter, RequestAdapter, Usage
-from proxy.providers.gemini import GeminiAdapter
-from proxy.providers.openai import OpenAIAdapter
+from proxy.providers.base import Usage
 from proxy.server.metrics import Metrics
 from proxy.upstream.client import UpstreamPool
 from proxy.upstream.deadline import Watchdog
@@ -78,8 +75,6 @@ class ProxyState:
     session: aiohttp.ClientSession | None = None  # health checks and other cold paths
     upstream: UpstreamPool | None = None  # the hot path's lean HTTP/1.1 client
     usage: UsageTotals = field(default_factory=UsageTotals)
-    adapters: dict[str, RequestAdapter] = field(default_factory=dict)
-    translators: dict[str, ProviderAdapter] = field(default_factory=dict)
     api_listening: bool = False
     draining: bool = False
     in_flight: int = 0
@@ -100,8 +95,6 @@ class ProxyState:
     _usage_children: dict[tuple[str, str], tuple[Any, Any, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.translators = {"anthropic": AnthropicAdapter(), "gemini": GeminiAdapter()}
-        self.adapters = {"openai": OpenAIAdapter(), **self.translators}
         self.keys = provider_keys(self.rules, self.settings.environ)
         self.breaker_defaults = CircuitBreakerConfig.from_env(self.settings.environ)
         self.breakers = BreakerRegistry(

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.core.outcome import Outcome
+from proxy.providers import registry as providers
 from proxy.providers.base import ErrorInfo, JSONDict, StreamError, StreamTranslator, Usage
 from proxy.providers.openai import OpenAIStreamRelay
 from proxy.server.exchange import (
@@ -137,10 +138,10 @@ async def stream(
     total_deadline: float,
 ) -> web.StreamResponse:
     cand = attempt.cand
-    if cand.provider.type == "openai":
+    adapter = providers.translator(cand.provider.type)
+    if adapter is None:
         relay = StreamRelay(OpenAIStreamRelay(strip_usage=not ex.include_usage), None)
     else:
-        adapter = ex.state.translators[cand.provider.type]
         relay = StreamRelay(
             None,
             adapter.stream_translator(

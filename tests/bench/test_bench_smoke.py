@@ -36,7 +36,9 @@ from bench.run import (
     render_rules,
 )
 from bench.wrk import WrkError, WrkResult, check_usable, parse_wrk_output
-from proxy.core.router import RequestPrefs, StaticView, plan_route
+from proxy.core.candidates import StaticView
+from proxy.core.prefs import RequestPrefs
+from proxy.core.router import plan_route
 from tests.harness import running_proxy, write_rules
 
 # Captured from `wrk -t1 -c32 -d2s -s bench/chat.lua` against the fake upstream.

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.config.check import load_rules, parse_rules
 from proxy.config.model import (
     BreakerOverrides,
     CostCap,
@@ -31,8 +32,6 @@ from proxy.config.model import (
     Weights,
     file_fingerprint,
     format_problems,
-    load_rules,
-    parse_rules,
 )
 
 Doc = dict[str, Any]

@@ -17,6 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.config.check import parse_rules
 from proxy.config.model import (
     PROVIDER_TYPES,
     STRATEGIES,
@@ -29,7 +30,6 @@ from proxy.config.model import (
     RuleSet,
     Timeouts,
     Weights,
-    parse_rules,
 )
 
 Doc = dict[str, Any]

@@ -20,31 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.cli import main
-from proxy.config.model import (
-    STRATEGIES,
-    TASK_TYPES,
-    Deployment,
-    Provider,
-    RuleSet,
-    Weights,
-    parse_rules,
-)
+from proxy.config.check import parse_rules
+from proxy.config.model import STRATEGIES, TASK_TYPES, Deployment, Provider, RuleSet, Weights
+from proxy.core.candidates import LiveView, StaticView
 from proxy.core.errors import InvalidRequest, ModelNotFound
-from proxy.core.router import (
-    LiveView,
-    RequestPrefs,
-    RoutePlan,
-    StaticView,
-    balanced_scores,
-    candidate_facts,
-    estimate_prompt_tokens,
-    format_usd,
-    log_plan,
-    parse_prefs,
-    plan_log_fields,
-    plan_route,
-    routing_inputs,
-)
+from proxy.core.explain import candidate_facts, plan_log_fields
+from proxy.core.prefs import RequestPrefs, estimate_prompt_tokens, parse_prefs, routing_inputs
+from proxy.core.router import RoutePlan, format_usd, plan_route
+from proxy.core.strategies import balanced_scores
+from proxy.server.api import log_plan
 
 CATALOG = """
 version: 1

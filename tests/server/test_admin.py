@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config.model import load_rules
+from proxy.config.check import load_rules
 from proxy.config.settings import Settings
 from proxy.core.breaker import State
 from proxy.server import admin

@@ -33,12 +33,14 @@ from openai.types.chat import ChatCompletionMessageParam
 
 import proxy.server.forward as forward
 import proxy.upstream.client as upstream_http
-from proxy.config.model import load_rules
+from proxy.config.check import load_rules
 from proxy.config.settings import Settings
 from proxy.core.breaker import CircuitBreaker, Permit, State
+from proxy.core.candidates import Candidate
 from proxy.core.errors import UpstreamError
 from proxy.core.outcome import Outcome
-from proxy.core.router import NO_PREFS, Candidate, plan_route
+from proxy.core.prefs import NO_PREFS
+from proxy.core.router import plan_route
 from proxy.providers.base import Endpoint
 from proxy.server.metrics import Metrics
 from proxy.server.state import ProxyState, provider_keys

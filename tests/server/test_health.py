@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config.model import load_rules
+from proxy.config.check import load_rules
 from proxy.core.breaker import CircuitBreaker, State
 from proxy.server.health import (
     RECOVERY_INTERVAL_SECONDS,

@@ -1,0 +1,162 @@
+"""The import contract of docs/architecture.md, read from the source with ``ast``.
+
+Layers, bottom up: config, core, providers, upstream, server, mock, then the CLI. A module may
+import its own layer and the layers below it; the pure layers (config, core, providers) never
+import aiohttp, prometheus_client or anything that does I/O on its own. No module imports
+another in a circle, counting imports inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
+
+# Each layer and the proxy layers it may import (besides itself).
+ALLOWED: dict[str, frozenset[str]] = {
+    "config": frozenset(),
+    "core": frozenset({"config"}),
+    "providers": frozenset({"config", "core"}),
+    "upstream": frozenset({"config", "core"}),
+    "server": frozenset({"config", "core", "providers", "upstream"}),
+    "mock": frozenset({"config", "core", "providers", "upstream", "server"}),
+    "cli": frozenset({"config", "core", "providers", "upstream", "server", "mock"}),
+    "init": frozenset({"core"}),
+}
+# Third-party packages a pure layer must not import: the shell's web stack, metrics and I/O.
+SHELL_ONLY = frozenset({"aiohttp", "prometheus_client", "multidict", "yarl", "uvloop", "httptools"})
+PURE_FORBIDDEN: dict[str, frozenset[str]] = {
+    "config": SHELL_ONLY,
+    "core": SHELL_ONLY | {"yaml", "subprocess", "socket", "ssl", "asyncio"},
+    "providers": SHELL_ONLY | {"yaml", "subprocess", "socket", "ssl", "asyncio"},
+}
+
+
+def _modules() -> Iterator[tuple[str, Path]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        yield ".".join(parts), path
+
+
+def _imports(name: str, path: Path) -> Iterator[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            yield target, node.lineno
+            for alias in node.names:  # `from proxy.server import api` imports proxy.server.api
+                yield f"{target}.{alias.name}", node.lineno
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if module == "proxy":
+        return "init"
+    if parts[1] in {"cli", "__main__"}:
+        return "cli"
+    return parts[1]
+
+
+MODULES = dict(_modules())
+
+
+def _proxy_edges() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in MODULES}
+    for module, path in MODULES.items():
+        for target, _ in _imports(module, path):
+            if target in MODULES and target != module:
+                edges[module].add(target)
+    return edges
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_a_module_imports_only_its_own_layer_and_those_below(module: str) -> None:
+    layer = _layer(module)
+    allowed = ALLOWED[layer] | {layer}
+    forbidden = PURE_FORBIDDEN.get(layer, frozenset())
+    bad = []
+    for target, line in _imports(module, MODULES[module]):
+        top = target.split(".")[0]
+        if top == "proxy" and target in MODULES and target != "proxy":
+            if _layer(target) not in allowed:
+                bad.append(f"line {line}: {target} (layer {_layer(target)})")
+        elif top in forbidden:
+            bad.append(f"line {line}: {target} (not in a pure layer)")
+    assert not bad, f"{module} ({layer}) imports: " + "; ".join(bad)
+
+
+def test_the_pure_layers_never_read_the_process_environment() -> None:
+    offenders = [
+        f"{module}:{node.lineno}"
+        for module, path in MODULES.items()
+        if _layer(module) in PURE_FORBIDDEN
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in {"environ", "getenv"}
+    ]
+    assert not offenders
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    edges = _proxy_edges()
+    # Package __init__ modules that only re-export are still modules: a cycle through them counts.
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(edges, white)
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        color[node] = grey
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if color[nxt] == grey:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif color[nxt] == white:
+                visit(nxt, stack)
+        stack.pop()
+        color[node] = black
+
+    for module in sorted(edges):
+        if color[module] == white:
+            visit(module, [])
+    assert not cycles, " | ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_contract_sees_a_violation() -> None:
+    """The checker itself: an upward import written into a pure layer is caught."""
+    sample = ast.parse("from proxy.server.metrics import Metrics\nimport aiohttp\n")
+    found = [
+        node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+        for node in ast.walk(sample)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+    ]
+    assert _layer(found[0] or "") == "server"
+    assert "server" not in ALLOWED["core"]
+    assert found[1] in PURE_FORBIDDEN["core"]
+
+
+def test_the_package_root_is_the_breaker_library_and_loads_no_shell() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from proxy import CircuitBreaker, CircuitBreakerConfig, registry; "
+        "b = registry.get('svc'); assert isinstance(b, CircuitBreaker); "
+        "print(sorted(m for m in ('aiohttp', 'prometheus_client', 'yaml') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
