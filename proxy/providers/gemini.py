@@ -151,13 +151,13 @@ def _reject_unsupported(body: JSONDict) -> None:
 
 def _function_declarations(tools: Any) -> list[JSONDict]:
     out: list[JSONDict] = []
-    for fn in shapes.function_tools(tools, UPSTREAM):
+    for k, fn in enumerate(shapes.function_tools(tools, UPSTREAM)):
         decl: JSONDict = {"name": fn.get("name", "")}
         if fn.get("description"):
             decl["description"] = fn["description"]
         params = fn.get("parameters")
         if isinstance(params, dict):
-            cleaned = gemini_schema(params)
+            cleaned = gemini_schema(params, f"tools[{k}].function.parameters")
             # Gemini rejects an OBJECT without properties: no parameters instead.
             if cleaned.get("properties") or cleaned.get("type") not in (None, "OBJECT"):
                 decl["parameters"] = cleaned
@@ -251,7 +251,9 @@ def _generation_config(body: JSONDict) -> JSONDict:
             and isinstance(spec, dict)
             and isinstance(spec.get("schema"), dict)
         ):
-            config["responseSchema"] = gemini_schema(spec["schema"])
+            config["responseSchema"] = gemini_schema(
+                spec["schema"], "response_format.json_schema.schema"
+            )
     return config
 
 

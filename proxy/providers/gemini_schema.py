@@ -10,7 +10,11 @@ Tool ``parameters`` and ``response_format`` schemas pass through
   as ``type`` (upper case) + ``nullable`` (or ``anyOf`` for several types);
 - only string enums are kept (Gemini's enums are strings);
 - unknown keywords and unsupported ``format`` values are dropped, and
-  ``required`` lists only declared properties.
+  ``required`` lists only declared properties;
+- the work is bounded: inlining ``$ref`` can multiply a small schema (a definition used several
+  times by a definition used several times...), so the output may hold at most
+  ``MAX_SCHEMA_NODES`` schema nodes and nest at most ``MAX_SCHEMA_DEPTH`` deep; beyond either
+  the request is a 400 naming the parameter, before any more work is done.
 
 Pure and synchronous: a dict in, a new dict out, the input never mutated.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.core.errors import InvalidRequest
 from proxy.providers.base import JSONDict
 
 # Keywords of Gemini's Schema object (an OpenAPI 3.0 subset) kept as they are;
@@ -46,6 +51,36 @@ SCHEMA_FORMATS = {
     "NUMBER": frozenset({"float", "double"}),
 }
 MAX_REF_DEPTH = 8
+# Real tool schemas have tens to a few hundred nodes; 5,000 is far above any of them and costs
+# a few milliseconds at most. Fan-out through $ref is exponential without such a budget.
+MAX_SCHEMA_NODES = 5_000
+MAX_SCHEMA_DEPTH = 64  # nesting of the output (properties, items, anyOf); also bounds recursion
+
+
+class _Budget:
+    """Nodes left to emit for one schema; raises a 400 naming the parameter when spent."""
+
+    __slots__ = ("left", "param")
+
+    def __init__(self, param: str) -> None:
+        self.left = MAX_SCHEMA_NODES
+        self.param = param
+
+    def spend(self, depth: int) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise InvalidRequest(
+                f"{self.param}: the schema expands to more than {MAX_SCHEMA_NODES} nodes "
+                "(count every $ref use) for a Gemini upstream",
+                param=self.param,
+                code="schema_too_large",
+            )
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(
+                f"{self.param}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels",
+                param=self.param,
+                code="schema_too_large",
+            )
 
 
 def _resolve_ref(ref: str, root: JSONDict) -> Any:
@@ -56,7 +91,9 @@ def _resolve_ref(ref: str, root: JSONDict) -> Any:
     return None
 
 
-def _clean(node: Any, root: JSONDict, depth: int) -> JSONDict:
+def _clean(node: Any, root: JSONDict, depth: int, budget: _Budget, level: int) -> JSONDict:
+    """``depth`` counts $ref hops on this path, ``level`` the nesting of the output."""
+    budget.spend(level)
     if not isinstance(node, dict):
         return {}
     if "$ref" in node:
@@ -65,7 +102,7 @@ def _clean(node: Any, root: JSONDict, depth: int) -> JSONDict:
             # Unresolvable or recursive: an untyped object keeps the call usable.
             return {"type": "OBJECT"}
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-        return _clean(merged, root, depth + 1)
+        return _clean(merged, root, depth + 1, budget, level)
     for part in node.get("allOf") or ():
         # Best effort: Gemini has no allOf, so its parts are merged into one schema.
         if isinstance(part, dict) and "$ref" in part:
@@ -104,19 +141,24 @@ def _clean(node: Any, root: JSONDict, depth: int) -> JSONDict:
             out.setdefault("type", "STRING")
     variants = node.get("anyOf") or node.get("oneOf")
     if isinstance(variants, list):
-        out["anyOf"] = [_clean(v, root, depth) for v in variants]
+        out["anyOf"] = [_clean(v, root, depth, budget, level + 1) for v in variants]
     items = node.get("items")
     if isinstance(items, dict):
-        out["items"] = _clean(items, root, depth)
+        out["items"] = _clean(items, root, depth, budget, level + 1)
     props = node.get("properties")
     if isinstance(props, dict) and props:
-        out["properties"] = {name: _clean(sub, root, depth) for name, sub in props.items()}
+        out["properties"] = {
+            name: _clean(sub, root, depth, budget, level + 1) for name, sub in props.items()
+        }
         required = [r for r in node.get("required") or () if r in props]
         if required:
             out["required"] = required
     return out
 
 
-def gemini_schema(schema: JSONDict) -> JSONDict:
-    """A JSON Schema reduced to what Gemini's Schema object accepts (module docstring)."""
-    return _clean(schema, schema, 0)
+def gemini_schema(schema: JSONDict, param: str = "schema") -> JSONDict:
+    """A JSON Schema reduced to what Gemini's Schema object accepts (module docstring).
+
+    ``param`` names the request parameter the schema came from, for the 400 when it is too big.
+    """
+    return _clean(schema, schema, 0, _Budget(param), 0)
