@@ -28,6 +28,11 @@ from proxy.server.state import REQUEST_INFO, ProxyState
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
 REQUEST_ID_MAX = 128
+# Nesting of a request body. orjson parses up to 1,024 levels but writes only 254, and the
+# translators recurse: without a lower limit a deep body parses, then fails as a 500. Real
+# requests (tool schemas included) stay far below 64 levels.
+MAX_JSON_DEPTH = 128
+_OPENERS = (b"[", b"{")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Wrap = Callable[[Handler, str | None], Handler]
@@ -77,7 +82,30 @@ async def read_json(request: web.Request) -> JSONDict:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    # Counting brackets is C speed; only a body with enough of them can be too deep to walk.
+    if sum(map(raw.count, _OPENERS)) > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+        raise InvalidRequest(
+            f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="too_deep"
+        )
     return body
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def _present(body: JSONDict, key: str) -> Any:

@@ -266,6 +266,13 @@ async def test_completions_and_embeddings(stack: Stack, sdk: AsyncOpenAI) -> Non
         ({"model": "gpt-4o-mini", "messages": [{"content": "x"}]}, "role"),
         ({"model": "gpt-4o-mini", "messages": CHAT, "stream": "yes"}, "'stream'"),
         ({"model": "gpt-4o-mini", "messages": CHAT, "circuit_breaker": 3}, "circuit_breaker"),
+        # Deep nesting parses (orjson reads 1,024 levels) but could not be written again.
+        (
+            b'{"model": "gpt-4o-mini", "messages": [], "x": ' + b"[" * 300 + b"]" * 300 + b"}",
+            "deeper than 128",
+        ),
+        (b'{"model": "gpt-4o-mini", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", "deeper than 128"),
+        (b'{"x": ' + b"[" * 2000 + b"]" * 2000 + b"}", "not valid JSON"),
     ],
 )
 async def test_bad_requests_get_400_in_openai_shape(stack: Stack, body: Any, fragment: str) -> None:
@@ -381,3 +388,19 @@ async def test_missing_key_means_provider_unavailable(stack: Stack) -> None:
     )
     assert status == 503
     assert "CB_TEST_UNSET_KEY" in payload["error"]["message"]
+
+
+async def test_nesting_at_the_limit_is_served_and_one_level_more_is_a_400(stack: Stack) -> None:
+    def body(depth: int) -> bytes:
+        # The top-level object is level 1; "user" nests depth - 1 arrays inside it.
+        inner = b"[" * (depth - 1) + b"]" * (depth - 1)
+        return (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], '
+            b'"user_x": ' + inner + b"}"
+        )
+
+    status, _, payload = await post(stack, "/v1/chat/completions", body(129))
+    assert status == 400, payload
+    assert "deeper than 128" in payload["error"]["message"]
+    status, _, payload = await post(stack, "/v1/chat/completions", body(128))
+    assert status == 200, payload
