@@ -300,8 +300,13 @@ def translate_embeddings(body: JSONDict, upstream_model: str) -> tuple[str, JSON
     """(method, body) for an OpenAI embeddings body: embedContent for a string, else a batch."""
     inputs = body.get("input")
     extra: JSONDict = {}
-    if body.get("dimensions") is not None:
-        extra["outputDimensionality"] = body["dimensions"]
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
+            raise InvalidRequest(
+                "'dimensions' must be a positive integer", param="dimensions", code="invalid_type"
+            )
+        extra["outputDimensionality"] = dimensions
     if isinstance(inputs, str):
         return "embedContent", {"content": {"parts": [{"text": inputs}]}, **extra}
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):

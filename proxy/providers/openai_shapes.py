@@ -49,7 +49,14 @@ class ContentPart(NamedTuple):
 
 def reject_audio(body: JSONDict, message: str) -> None:
     """Audio output (``audio`` or ``modalities`` naming audio) is a 400 with ``message``."""
-    if body.get("audio") or "audio" in (body.get("modalities") or ()):
+    modalities = body.get("modalities")
+    if modalities is not None and not (
+        isinstance(modalities, list) and all(isinstance(m, str) for m in modalities)
+    ):
+        raise InvalidRequest(
+            "'modalities' must be an array of strings", param="modalities", code="invalid_type"
+        )
+    if body.get("audio") or "audio" in (modalities or ()):
         raise UnsupportedParameter(message, param="modalities")
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from proxy.core.errors import InvalidRequest
 from proxy.providers.gemini import translate_request
-from proxy.providers.gemini_schema import MAX_SCHEMA_DEPTH, MAX_SCHEMA_NODES, gemini_schema
+from proxy.providers.gemini_schema import MAX_SCHEMA_DEPTH, gemini_schema
 
 
 def fan_out(width: int, levels: int) -> dict[str, Any]:
