@@ -1,5 +1,11 @@
 """The rules file: YAML -> validated, frozen ``RuleSet``.
 
+This module is the one declaration of the rules: every key is a dataclass
+field (its name is the YAML key), and every numeric key carries its type,
+range, default and meaning as a ``Spec`` (proxy/config/spec.py). The checker
+(proxy/config/check.py) and the runtime breaker settings
+(proxy/core/breaker.py) are both built from it; docs/rules.md is its reference.
+
 Contract (see docs/rules.md):
 
 - Every key is known. An unknown key is an error with its path and, when a
@@ -33,7 +39,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+from proxy.config.spec import Int, Num, Spec
 
 ProviderType = Literal["openai", "anthropic", "gemini"]
 Strategy = Literal[
@@ -51,6 +59,14 @@ STRATEGIES: tuple[Strategy, ...] = (
 TASK_TYPES: tuple[TaskType, ...] = ("chat", "coding", "analysis", "creative")
 PROVIDER_TYPES: tuple[ProviderType, ...] = ("openai", "anthropic", "gemini")
 
+# The one declaration of the rules' keys, types, ranges and defaults is this
+# module: every numeric field carries its ``Spec`` (proxy/config/spec.py) and
+# its default; docs/rules.md is the reference written from it.
+SUPPORTED_VERSION = 1
+WINDOW_SECONDS_MAX = 3600.0
+# models.*.quality: a score per task type (keys: TASK_TYPES).
+QUALITY: Spec = Num(ge=0, le=10, doc="score per task type (chat, coding, analysis, creative)")
+
 
 class RulesError(Exception):
     """A rules file with problems; ``problems`` lists each as 'path: message'."""
@@ -65,31 +81,78 @@ class RulesError(Exception):
 class Timeouts:
     """Per-phase upstream timeouts in seconds (docs/breaker.md, 'Retries and failover')."""
 
-    connect: float = 5.0
-    first_token: float = 30.0
-    idle: float = 30.0
-    total: float = 600.0
+    connect: Annotated[
+        float, Num(gt=0, at_most="total", doc="seconds to open the connection (TCP and TLS)")
+    ] = 5.0
+    first_token: Annotated[
+        float,
+        Num(
+            gt=0,
+            at_most="total",
+            doc="seconds until the response headers (plain) or the first content event (stream)",
+        ),
+    ] = 30.0
+    idle: Annotated[
+        float, Num(gt=0, at_most="total", doc="longest silence between two stream events")
+    ] = 30.0
+    total: Annotated[float, Num(gt=0, doc="seconds for the whole attempt")] = 600.0
 
 
 @dataclass(frozen=True, slots=True)
 class BreakerOverrides:
     """Per-provider breaker settings given in the rules; None = use the env/default."""
 
-    failure_threshold: int | None = None
-    failure_rate: float | None = None
-    min_throughput: int | None = None
-    window_seconds: float | None = None
-    open_seconds: float | None = None
-    max_open_seconds: float | None = None
-    half_open_probes: int | None = None
-    slow_call_ms: float | None = None
-    max_half_open_seconds: float | None = None
+    failure_threshold: Annotated[
+        int | None,
+        Int(ge=0, default=5, doc="consecutive failures that open the breaker; 0 = rule off"),
+    ] = None
+    failure_rate: Annotated[
+        float | None,
+        Num(gt=0, le=1, default=0.5, doc="failure ratio in the window that opens the breaker"),
+    ] = None
+    min_throughput: Annotated[
+        int | None,
+        Int(ge=1, default=10, doc="calls in the window before failure_rate is judged"),
+    ] = None
+    # The window is a ring of 1 s buckets allocated per breaker: at least one
+    # bucket, and an hour at most (an extra zero must not allocate millions).
+    window_seconds: Annotated[
+        float | None,
+        Num(ge=1, le=WINDOW_SECONDS_MAX, default=60.0, doc="length of the sliding window"),
+    ] = None
+    open_seconds: Annotated[
+        float | None,
+        Num(gt=0, default=10.0, doc="first open period; doubles per re-open"),
+    ] = None
+    max_open_seconds: Annotated[
+        float | None,
+        Num(
+            gt=0,
+            default=60.0,
+            at_least="open_seconds",
+            doc="cap on every open period, the first one included",
+        ),
+    ] = None
+    half_open_probes: Annotated[
+        int | None, Int(ge=1, default=3, doc="trial calls let through in half-open")
+    ] = None
+    slow_call_ms: Annotated[
+        float | None,
+        Num(ge=0, default=0.0, doc="a first token slower than this counts as a failure; 0 = off"),
+    ] = None
+    max_half_open_seconds: Annotated[
+        float | None,
+        Num(gt=0, default=120.0, doc="a probe in flight longer than this reopens the breaker"),
+    ] = None
 
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     path: str | None = None  # None = the provider type's models endpoint
-    interval: float | None = None  # None = HEALTH_CHECK_INTERVAL
+    interval: Annotated[
+        float | None,
+        Num(ge=0, doc="seconds between active checks; 0 = off; unset = HEALTH_CHECK_INTERVAL"),
+    ] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +174,12 @@ class Deployment:
     model: str  # the client-facing model name this deployment serves
     provider: str  # key into RuleSet.providers
     upstream_model: str
-    input_cost_per_1k: float = 0.0
-    output_cost_per_1k: float = 0.0
-    latency_ms: float | None = None  # prior until measured
-    context_window: int | None = None
+    input_cost_per_1k: Annotated[float, Num(ge=0, doc="USD per 1k prompt tokens")] = 0.0
+    output_cost_per_1k: Annotated[float, Num(ge=0, doc="USD per 1k completion tokens")] = 0.0
+    latency_ms: Annotated[
+        float | None, Num(gt=0, doc="latency prior in ms, used until latency is measured")
+    ] = None
+    context_window: Annotated[int | None, Int(ge=1, doc="largest prompt in tokens")] = None
 
     @property
     def key(self) -> str:
@@ -136,8 +201,8 @@ class Model:
 class CostCap:
     """Max USD per 1k tokens, for input and for output."""
 
-    input: float
-    output: float
+    input: Annotated[float, Num(ge=0, doc="max USD per 1k prompt tokens")]
+    output: Annotated[float, Num(ge=0, doc="max USD per 1k completion tokens")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +212,9 @@ class VirtualModel:
     task_type: TaskType | None = None
     candidates: tuple[str, ...] | None = None  # None = every model in the catalog
     max_cost_per_1k_tokens: CostCap | None = None
-    max_latency_ms: float | None = None
+    max_latency_ms: Annotated[
+        float | None, Num(gt=0, doc="a deployment qualifies when its p95 latency is at most this")
+    ] = None
     fallback_models: tuple[str, ...] = ()
     description: str = ""
 
@@ -195,20 +262,31 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Weights:
-    quality: float = 0.4
-    cost: float = 0.3
-    latency: float = 0.2
-    reliability: float = 0.1
+    quality: Annotated[float, Num(ge=0, doc="weight of the task's quality score")] = 0.4
+    cost: Annotated[float, Num(ge=0, doc="weight of cheapness")] = 0.3
+    latency: Annotated[float, Num(ge=0, doc="weight of speed (p95 latency)")] = 0.2
+    reliability: Annotated[float, Num(ge=0, doc="weight of the success ratio")] = 0.1
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    max_attempts: int = 4
-    same_deployment_retries: int = 1
-    max_retry_wait: float = 3.0
-    backoff_ms: float = 100.0
-    max_backoff_ms: float = 500.0
-    budget_ratio: float = 0.2
+    # Upper bounds catch typos (an extra zero) without limiting real setups.
+    max_attempts: Annotated[
+        int, Int(ge=1, le=20, doc="attempts per request across all candidates")
+    ] = 4
+    same_deployment_retries: Annotated[
+        int, Int(ge=0, le=5, doc="quick retries on the same deployment before failing over")
+    ] = 1
+    max_retry_wait: Annotated[
+        float, Num(ge=0, le=60, doc="longest Retry-After (s) still retried on the same deployment")
+    ] = 3.0
+    backoff_ms: Annotated[float, Num(ge=0, doc="smallest retry backoff (full jitter)")] = 100.0
+    max_backoff_ms: Annotated[
+        float, Num(ge=0, at_least="backoff_ms", doc="largest retry backoff")
+    ] = 500.0
+    budget_ratio: Annotated[
+        float, Num(ge=0, le=1, doc="retries in flight as a share of active requests (min 3)")
+    ] = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +352,11 @@ def format_problems(err: RulesError) -> str:
 
 __all__ = [
     "PROVIDER_TYPES",
+    "QUALITY",
     "STRATEGIES",
+    "SUPPORTED_VERSION",
     "TASK_TYPES",
+    "WINDOW_SECONDS_MAX",
     "BreakerOverrides",
     "CostCap",
     "Defaults",

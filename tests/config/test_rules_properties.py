@@ -98,10 +98,10 @@ def provider_body(draw: st.DrawFn) -> Doc:
                 total=st.integers(100, 1000),
             ),
             breaker=optional_fields(
-                failure_threshold=st.integers(1, 50),
+                failure_threshold=st.integers(0, 50),
                 failure_rate=st.floats(0.01, 1.0),
                 min_throughput=st.integers(1, 100),
-                window_seconds=SMALL_POSITIVE,
+                window_seconds=st.integers(1, 3600) | st.floats(1, 3600),
                 open_seconds=st.integers(1, 30),
                 max_open_seconds=st.integers(30, 300),
                 half_open_probes=st.integers(1, 10),
