@@ -1,6 +1,6 @@
 """The per-request routing extension and the request facts routing reads.
 
-``circuit_breaker`` (in the body, or the ``x-cb-routing`` header) is validated here into
+The body's ``circuit_breaker`` object is validated here into
 ``RequestPrefs``; a bad value is a 400 naming the key (docs/rules.md, the request extension).
 The prompt's size is estimated here too, for context-window checks.
 """

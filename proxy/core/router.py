@@ -14,7 +14,7 @@ lists none) are the primary candidates. The strategy orders them; then come
 the request's own ``fallback_models``, the virtual model's, the route's and
 the defaults', each deployment once, each group ordered by its own virtual
 model's strategy or else the plan's. The orders themselves are in
-proxy.strategies.
+proxy.core.strategies.
 
 Drops, before any ordering: no key; a context window smaller than the
 estimated prompt (characters / 4); over a constraint. A cost cap passes a

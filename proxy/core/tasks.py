@@ -4,7 +4,7 @@ Used by ``task_specific`` and ``balanced`` routing when the request names no
 ``task_type`` (docs/rules.md). It is a cheap heuristic, not a model: weighted
 words, phrases and shapes of text (code fences, stack traces, camelCase, lists
 of numbers...), all compiled once at import. Accuracy on the labelled prompts
-in tests/data/task_prompts.jsonl is asserted in tests/test_tasks.py.
+in tests/data/task_prompts.jsonl is asserted in tests/core/test_tasks.py.
 
 Invariants:
 - Pure, synchronous, stdlib only; never raises on any input, whatever its
