@@ -45,6 +45,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, ParamSpec, TypeVar
 
 from proxy.config.model import BreakerOverrides
+from proxy.config.spec import declared
 from proxy.core.errors import ServiceUnavailable
 from proxy.core.outcome import Outcome
 from proxy.core.window import Window
@@ -106,56 +107,48 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
 TransitionCallback = Callable[[str, State, State], None]
 
 
+# The breaker keys of the rules file (providers.*.breaker) are declared once, in
+# proxy/config/model.py: their defaults and ranges here come from that declaration,
+# so whatever `cb-proxy check` accepts is a valid runtime config (docs/rules.md).
+RULES_KEYS = declared(BreakerOverrides)
+_D = RULES_KEYS
+
+
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
-    """Breaker settings (docs/rules.md, ``providers.*.breaker``); bad values raise ValueError."""
+    """Breaker settings (docs/rules.md, ``providers.*.breaker``); bad values raise ValueError.
 
-    failure_threshold: int = 5  # consecutive failures that open; 0 turns the rule off
-    failure_rate: float = 0.5  # failure ratio in the window that opens ...
-    min_throughput: int = 10  # ... once this many calls are in the window
-    window_seconds: float = 60.0  # 1 s buckets
-    open_seconds: float = 10.0  # first open; doubles per re-open up to max_open_seconds
-    max_open_seconds: float = 60.0
-    half_open_probes: int = 3
-    slow_call_ms: float = 0.0  # >0: a first token slower than this is a slow call
+    The fields named like the rules' breaker keys take their defaults and ranges from
+    ``BreakerOverrides``' declaration (``RULES_KEYS``); the rest are runtime-only.
+    """
+
+    failure_threshold: int = _D["failure_threshold"].as_int()  # consecutive failures; 0 = off
+    failure_rate: float = _D["failure_rate"].as_float()  # failure ratio in the window that opens
+    min_throughput: int = _D["min_throughput"].as_int()  # ... once this many calls are in it
+    window_seconds: float = _D["window_seconds"].as_float()  # 1 s buckets
+    open_seconds: float = _D["open_seconds"].as_float()  # first open; doubles per re-open
+    max_open_seconds: float = _D["max_open_seconds"].as_float()  # cap on every open period
+    half_open_probes: int = _D["half_open_probes"].as_int()
+    slow_call_ms: float = _D["slow_call_ms"].as_float()  # >0: a slower first token is slow
     slow_call_rate: float | None = None  # slow ratio that opens; None = failure_rate
-    max_half_open_seconds: float = 120.0  # a probe in flight longer than this reopens
+    max_half_open_seconds: float = _D["max_half_open_seconds"].as_float()  # hung probe: reopen
     jitter: float = 0.1  # open durations vary by +- this fraction
     enabled: bool = True  # False = monitor-only: never blocks, shadow state exported
 
     def __post_init__(self) -> None:
         problems = [
-            message
-            for ok, message in (
-                (
-                    _is_int(self.failure_threshold) and self.failure_threshold >= 0,
-                    "failure_threshold must be an integer >= 0 (0 = off)",
-                ),
-                (0 < self.failure_rate <= 1, "failure_rate must be in (0, 1]"),
-                (
-                    _is_int(self.min_throughput) and self.min_throughput >= 1,
-                    "min_throughput must be an integer >= 1",
-                ),
-                (1 <= self.window_seconds < math.inf, "window_seconds must be >= 1"),
-                (0 < self.open_seconds < math.inf, "open_seconds must be > 0"),
-                (
-                    self.open_seconds <= self.max_open_seconds < math.inf,
-                    "max_open_seconds must be >= open_seconds",
-                ),
-                (
-                    _is_int(self.half_open_probes) and self.half_open_probes >= 1,
-                    "half_open_probes must be an integer >= 1",
-                ),
-                (0 <= self.slow_call_ms < math.inf, "slow_call_ms must be >= 0 (0 = off)"),
-                (
-                    self.slow_call_rate is None or 0 < self.slow_call_rate <= 1,
-                    "slow_call_rate must be in (0, 1]",
-                ),
-                (0 < self.max_half_open_seconds < math.inf, "max_half_open_seconds must be > 0"),
-                (0 <= self.jitter < 1, "jitter must be in [0, 1)"),
-            )
-            if not ok
+            f"{name} {problem}"
+            for name, d in RULES_KEYS.items()
+            if (problem := d.spec.problem(getattr(self, name))) is not None
         ]
+        for name, d in RULES_KEYS.items():
+            other = d.spec.at_least
+            if other is not None and getattr(self, name) < getattr(self, other):
+                problems.append(f"{name} must be >= {other}")
+        if not (self.slow_call_rate is None or 0 < self.slow_call_rate <= 1):
+            problems.append("slow_call_rate must be in (0, 1]")
+        if not 0 <= self.jitter < 1:
+            problems.append("jitter must be in [0, 1)")
         if problems:
             raise ValueError("invalid breaker config: " + "; ".join(problems))
 
@@ -168,20 +161,29 @@ class CircuitBreakerConfig:
         """Defaults from an environment mapping (docs/architecture.md); unset or empty: default.
 
         The caller passes the mapping (the shell passes ``os.environ``): the core reads no globals.
+        Each variable is checked against the range its rules key declares.
         """
         base = cls()
-        open_seconds = _env_seconds(env, "CB_TIMEOUT_SECONDS", base.open_seconds)
+        open_seconds = _env_number(env, "CB_TIMEOUT_SECONDS", "open_seconds")
         return cls(
             enabled=_env_bool(env, "CIRCUIT_BREAKER_ENABLED", base.enabled),
-            failure_threshold=_env_int(env, "CB_FAILURE_THRESHOLD", base.failure_threshold, 0),
-            min_throughput=_env_int(env, "CB_MIN_THROUGHPUT", base.min_throughput, 1),
+            failure_threshold=int(_env_number(env, "CB_FAILURE_THRESHOLD", "failure_threshold")),
+            min_throughput=int(_env_number(env, "CB_MIN_THROUGHPUT", "min_throughput")),
             open_seconds=open_seconds,
             # A first open longer than the default cap raises the cap rather than failing.
             max_open_seconds=max(base.max_open_seconds, open_seconds),
         )
 
     def with_overrides(self, overrides: BreakerOverrides) -> CircuitBreakerConfig:
-        """This config with the rules file's per-provider values (None = keep) applied."""
+        """This config with the rules file's per-provider values (None = keep) applied.
+
+        Never raises for overrides ``cb-proxy check`` accepted, whatever the environment
+        set (docs/rules.md, "breaker"): each value is in its declared range, and the one
+        cross-field rule (``max_open_seconds >= open_seconds``) is settled here when the
+        file sets only one side of it. ``max_open_seconds`` caps every open period, so
+        given alone below the inherited ``open_seconds`` it lowers the first open period
+        to itself; ``open_seconds`` given alone above the inherited cap raises the cap.
+        """
         changes: dict[str, Any] = {
             f.name: getattr(overrides, f.name)
             for f in fields(overrides)
@@ -189,11 +191,9 @@ class CircuitBreakerConfig:
         }
         if "open_seconds" in changes and "max_open_seconds" not in changes:
             changes["max_open_seconds"] = max(self.max_open_seconds, changes["open_seconds"])
+        if "max_open_seconds" in changes and "open_seconds" not in changes:
+            changes["open_seconds"] = min(self.open_seconds, changes["max_open_seconds"])
         return replace(self, **changes)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -207,29 +207,21 @@ def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ValueError(f"{name}={env[name]!r}: expected true or false")
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def _env_number(env: Mapping[str, str], name: str, key: str) -> float:
+    """The variable ``name`` as a value of the rules key ``key`` (its declared type and range)."""
+    declared_key = RULES_KEYS[key]
     raw = env.get(name, "").strip()
     if not raw:
-        return default
+        return declared_key.as_float()
+    spec = declared_key.spec
+    value: float | None
     try:
-        value = int(raw)
+        value = int(raw) if spec.kind == "integer" else float(raw)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r}: expected an integer >= {minimum}")
-    return value
-
-
-def _env_seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise ValueError(f"{name}={raw!r}: expected a number of seconds > 0")
+        value = None
+    if value is None or spec.problem(value) is not None:
+        unit = "an integer" if spec.kind == "integer" else "a number of seconds"
+        raise ValueError(f"{name}={raw!r}: expected {unit} {spec.range_text()}")
     return value
 
 
