@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.check import load_rules
-from proxy.config.model import RulesError, file_fingerprint
+from proxy.config.model import RulesError, RuleSet, file_fingerprint
 from proxy.core.errors import (
     MethodNotAllowed,
     NotFound,
@@ -167,20 +167,51 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     state.session = None
 
 
+def _reject(state: ProxyState, message: str, *args: object) -> bool:
+    state.metrics.rules_reloads.labels("error").inc()
+    LOG.error(message, *args)
+    return False
+
+
+def runtime_problems(state: ProxyState, rules: RuleSet) -> list[str]:
+    """What would stop ``rules`` from running: each provider's breaker config is built first.
+
+    Nothing check accepts fails here (the breaker's ranges are the rules' declaration and
+    ``with_overrides`` settles the one cross-field rule), so this is a guard, not a check:
+    a reload must never apply half of a file.
+    """
+    problems = []
+    for name, provider in rules.providers.items():
+        try:
+            state.breaker_defaults.with_overrides(provider.breaker)
+        except ValueError as exc:
+            problems.append(f"providers.{name}.breaker: {exc}")
+    return problems
+
+
 def reload_rules(state: ProxyState) -> bool:
-    """Load the rules file again; keep the rules in force on any problem."""
+    """Load the rules file again; keep the rules in force on any problem.
+
+    Returns whether the new rules are in force. A rejection is logged with every
+    problem and counted as ``cb_proxy_rules_reloads_total{result="error"}``;
+    nothing here raises (an unexpected error is logged with its traceback and
+    counted the same way), so the watcher survives any file.
+    """
     path = state.settings.rules_path
     try:
         rules = load_rules(path)
+        problems = runtime_problems(state, rules)
+        if problems:
+            raise RulesError(problems, str(path))
+        state.swap_rules(rules)
     except RulesError as err:
-        state.metrics.rules_reloads.labels("error").inc()
-        LOG.error("rules file %s rejected, keeping the rules in force:\n%s", path, err)
-        return False
+        return _reject(state, "rules file %s rejected, keeping the rules in force:\n%s", path, err)
     except OSError as exc:
+        return _reject(state, "rules file %s unreadable, keeping the rules in force: %s", path, exc)
+    except Exception:
+        LOG.exception("rules reload from %s failed, keeping the rules in force", path)
         state.metrics.rules_reloads.labels("error").inc()
-        LOG.error("rules file %s unreadable, keeping the rules in force: %s", path, exc)
         return False
-    state.swap_rules(rules)
     state.metrics.rules_reloads.labels("ok").inc()
     state.metrics.rules_info.set(time.time())
     LOG.info("rules reloaded from %s", path)
@@ -192,16 +223,24 @@ async def watch_rules(state: ProxyState, interval: float) -> None:
 
     Polling (not inotify) because a ConfigMap volume swaps a ``..data`` symlink,
     which watches on the file itself miss, and a stat per second costs nothing.
+    The loop ends only when cancelled: every attempt, whatever it raised, is
+    logged, counted and recorded in ``state.reload_results``.
     """
     path = state.settings.rules_path
     seen = file_fingerprint(path)
     while True:
         await asyncio.sleep(interval)
-        current = file_fingerprint(path)
-        if current is None or current == seen:
-            continue
-        seen = current
-        ok = reload_rules(state)
+        try:
+            current = file_fingerprint(path)
+            if current is None or current == seen:
+                continue
+            seen = current
+            ok = reload_rules(state)
+        except Exception:
+            LOG.exception("rules reload from %s failed, keeping the rules in force", path)
+            with suppress(Exception):
+                state.metrics.rules_reloads.labels("error").inc()
+            ok = False
         async with state.reloads:
             state.reload_results.append(ok)
             state.reloads.notify_all()

@@ -298,6 +298,8 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        for result in ("ok", "error"):  # both series exist from the start, at 0, for alerts
+            self.rules_reloads.labels(result)
         self.rules_info = Gauge(
             "cb_proxy_rules_loaded_timestamp_seconds",
             "Unix time the rules in force were loaded.",
