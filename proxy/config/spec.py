@@ -119,6 +119,7 @@ class Declared:
     name: str
     spec: Spec
     default: float | None  # the dataclass default, or the spec's built-in default
+    required: bool = False  # the key has no default: a section that is given must set it
 
     def as_int(self) -> int:
         value = self.default
@@ -154,7 +155,8 @@ def _declare(cls: type) -> dict[str, Declared]:
         own = f.default if f.default is not dataclasses.MISSING else None
         if own is not None and not isinstance(own, int | float):
             raise TypeError(f"{cls.__name__}.{f.name}: a Spec field needs a numeric default")
-        result[f.name] = Declared(f.name, spec, spec.default if own is None else own)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        result[f.name] = Declared(f.name, spec, spec.default if own is None else own, required)
     return result
 
 

@@ -460,6 +460,21 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
         "providers.openai.breaker.failure_threshold: expected an integer, got number",
     ),
     (
+        "failure_threshold negative",
+        _set(P + "breaker", {"failure_threshold": -1}),
+        "providers.openai.breaker.failure_threshold: must be >= 0, got -1",
+    ),
+    (
+        "window below one bucket",
+        _set(P + "breaker", {"window_seconds": 0.5}),
+        "providers.openai.breaker.window_seconds: must be >= 1 and <= 3600, got 0.5",
+    ),
+    (
+        "window over an hour",
+        _set(P + "breaker", {"window_seconds": 36000}),
+        "providers.openai.breaker.window_seconds: must be >= 1 and <= 3600, got 36000",
+    ),
+    (
         "half_open_probes zero",
         _set(P + "breaker", {"half_open_probes": 0}),
         "providers.openai.breaker.half_open_probes: must be >= 1, got 0",
