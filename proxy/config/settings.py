@@ -18,6 +18,18 @@ DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_GRACE_PERIOD = 25.0
 DEFAULT_RULES = Path(__file__).parent.parent / "data" / "default.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Upstream client bounds (docs/upstream.md, 'Limits'): each names its environment variable.
+# A response head: real LLM APIs send 1-4 KiB; 64 KiB is nginx's and Node's order of magnitude.
+DEFAULT_UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
+# One SSE event: a chat delta is ~200 bytes, but a Responses API `response.completed` event
+# carries the whole reply and a Gemini image part is base64 in one event: a few MB at most.
+DEFAULT_UPSTREAM_MAX_EVENT_BYTES = 8 * 1024 * 1024
+# A plain (non-stream) reply, held whole to rewrite it: a float-encoded embeddings batch is
+# the largest legitimate one (tens of MB); the proxy holds two or three copies of it.
+DEFAULT_UPSTREAM_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Open connections per upstream host (idle + busy): one app's concurrency with headroom, and
+# 256 x a few upstream hosts stays well inside a container's default 1024+ descriptors.
+DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST = 256
 
 LogFormat = Literal["json", "text"]
 
@@ -49,6 +61,10 @@ class Settings:
     grace_period: float = DEFAULT_GRACE_PERIOD
     health_check_interval: float = 30.0
     reload_interval: float = 1.0
+    upstream_max_header_bytes: int = DEFAULT_UPSTREAM_MAX_HEADER_BYTES
+    upstream_max_event_bytes: int = DEFAULT_UPSTREAM_MAX_EVENT_BYTES
+    upstream_max_body_bytes: int = DEFAULT_UPSTREAM_MAX_BODY_BYTES
+    upstream_max_connections_per_host: int = DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST
     # The process environment, kept for provider keys and breaker defaults (read once at start).
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)  # holds provider keys
 
@@ -100,6 +116,10 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -
     if fmt not in ("json", "text"):
         raise SettingsError(f"{fmt_name}: expected json or text, got {fmt!r}")
     max_body = int(_number(body_text, body_name, minimum=1024))
+
+    def upstream_limit(env: str, default: int, minimum: int) -> int:
+        return int(_number(environ.get(env, str(default)), env, minimum=minimum))
+
     return Settings(
         rules_path=Path(rules_text),
         listen=parse_host_port(listen_text, listen_name),
@@ -111,5 +131,17 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -
         grace_period=_number(grace_text, grace_name),
         health_check_interval=_number(health_text, "HEALTH_CHECK_INTERVAL"),
         reload_interval=_number(reload_text, "CB_RELOAD_INTERVAL", minimum=0.05),
+        upstream_max_header_bytes=upstream_limit(
+            "CB_UPSTREAM_MAX_HEADER_BYTES", DEFAULT_UPSTREAM_MAX_HEADER_BYTES, 1024
+        ),
+        upstream_max_event_bytes=upstream_limit(
+            "CB_UPSTREAM_MAX_EVENT_BYTES", DEFAULT_UPSTREAM_MAX_EVENT_BYTES, 1024
+        ),
+        upstream_max_body_bytes=upstream_limit(
+            "CB_UPSTREAM_MAX_BODY_BYTES", DEFAULT_UPSTREAM_MAX_BODY_BYTES, 1024
+        ),
+        upstream_max_connections_per_host=upstream_limit(
+            "CB_UPSTREAM_MAX_CONNECTIONS_PER_HOST", DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST, 1
+        ),
         environ=dict(environ),
     )

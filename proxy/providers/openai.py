@@ -224,8 +224,9 @@ class OpenAIStreamRelay:
     """
 
     __slots__ = (
+        "_cr",
         "_held",
-        "_tail",
+        "_parts",
         "finished",
         "has_content",
         "relayed_bytes",
@@ -241,23 +242,36 @@ class OpenAIStreamRelay:
         self.saw_finish = False  # a finish_reason seen
         self.usage: Usage | None = None
         self._held: list[bytes] = []
-        self._tail = b""
+        self._parts: list[bytes] = []  # the unfinished event's pieces, joined once it ends
+        self._cr = False  # the last read ended in CR (see feed)
         self.relayed_bytes = 0  # after the commit point; sizes a token estimate
 
     def feed(self, data: bytes) -> bytes:
-        tail = self._tail
-        buf = tail + data
-        if b"\r" in data or tail.endswith(b"\r"):
-            # CRLF-framed upstreams (some proxies): normalise so splitting is uniform. After
-            # joining the tail, so a CRLF split between two reads is seen whole (a trailing
-            # CR stays in the tail until its LF arrives).
-            buf = buf.replace(b"\r\n", b"\n")
-        cut = buf.rfind(EVENT_SEP)
+        if self._cr:
+            # A CR ended the previous read: it may pair with an LF at the start of this one.
+            data = b"\r" + data
+            self._cr = False
+        if b"\r" in data:
+            # CRLF-framed upstreams (some proxies): normalise so splitting is uniform. A
+            # trailing CR waits for the next read, so a CRLF split between reads is seen whole.
+            if data.endswith(b"\r"):
+                data = data[:-1]
+                self._cr = True
+            data = data.replace(b"\r\n", b"\n")
+        cut = data.rfind(EVENT_SEP)
+        parts = self._parts
         if cut < 0:
-            # Only whole events are forwarded: a client cannot use half an event anyway.
-            self._tail = buf
-            return b""
-        complete, self._tail = buf[: cut + 2], buf[cut + 2 :]
+            if not (parts and data[:1] == b"\n" and parts[-1].endswith(b"\n")):
+                # Only whole events are forwarded: a client cannot use half an event anyway.
+                # The piece is kept as is: joining per read would re-copy a long event each time.
+                if data:
+                    parts.append(data)
+                return b""
+            cut = -1  # the separator straddles the previous read and this one
+        parts.append(data[: cut + 2])
+        complete = parts[0] if len(parts) == 1 else b"".join(parts)
+        rest = data[cut + 2 :]
+        self._parts = [rest] if rest else []
         if not self.has_content:
             return self._before_commit(complete)
         self.relayed_bytes += len(complete)
@@ -355,8 +369,9 @@ class OpenAIStreamRelay:
 
     def finish(self) -> bytes:
         """At upstream EOF: remaining bytes; StreamError when the stream was cut short."""
-        rest = self._tail
-        self._tail = b""
+        rest = b"".join(self._parts) + (b"\r" if self._cr else b"")
+        self._parts = []
+        self._cr = False
         if rest.strip() and _whole_event(rest):
             # A server may omit the blank line after its last event; a cut-off event
             # (invalid JSON) is never forwarded: the client's SDK would fail parsing it.

@@ -2,8 +2,8 @@
 
 ``create_app`` builds the API app around a ``ProxyState``; ``create_admin_app``
 builds the metrics listener's app on the same state. The API app owns the
-shared resources in its ``cleanup_ctx``: the one ``ClientSession`` (tuned
-connector, keep-alive, cached DNS) and the rules file watcher.
+shared resources in its ``cleanup_ctx``: the one upstream client
+(``proxy.upstream.client.UpstreamPool``) and the rules file watcher.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 
-import aiohttp
 from aiohttp import web
 
 from proxy.config.check import load_rules
@@ -33,11 +32,6 @@ from proxy.server.state import REQUEST_INFO, ProxyState, RequestInfo
 from proxy.upstream.client import UpstreamPool
 
 LOG = logging.getLogger("cb_proxy")
-# Connection pool: a sidecar serves one app; 256 keep-alive connections per upstream host is ample.
-CONNECTOR_LIMIT = 1024
-CONNECTOR_LIMIT_PER_HOST = 256
-DNS_CACHE_SECONDS = 300
-KEEPALIVE_SECONDS = 30
 ENDPOINT_NAMES = {
     "/v1/chat/completions": "chat",
     "/chat/completions": "chat",
@@ -142,29 +136,14 @@ async def _unmatched(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"unknown endpoint {request.method} {request.path}")
 
 
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+    """The one upstream client (docs/upstream.md): every upstream call, health checks included."""
     state = app[STATE]
-    connector = aiohttp.TCPConnector(
-        limit=CONNECTOR_LIMIT,
-        limit_per_host=CONNECTOR_LIMIT_PER_HOST,
-        ttl_dns_cache=DNS_CACHE_SECONDS,
-        keepalive_timeout=KEEPALIVE_SECONDS,
-        enable_cleanup_closed=False,
-    )
-    # total=None: aiohttp's default 300 s total must not cut long streams (docs/breaker.md).
-    state.session = aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None),
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
-    )
-    state.upstream = UpstreamPool()
+    state.upstream = UpstreamPool.from_settings(state.settings)
     yield
     await state.upstream.close()
     state.upstream = None
     state.watchdog.close()
-    await state.session.close()
-    state.session = None
 
 
 def _reject(state: ProxyState, message: str, *args: object) -> bool:
@@ -258,7 +237,7 @@ async def _rules_watcher(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(state: ProxyState) -> web.Application:
-    """The OpenAI-compatible API app; owns the shared client session and the rules watcher."""
+    """The OpenAI-compatible API app; owns the upstream client and the rules watcher."""
     app = web.Application(client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
     api.add_routes(app, wrap=openai_errors)
@@ -269,9 +248,9 @@ def create_app(state: ProxyState) -> web.Application:
         tuple(r.get_info()["pattern"] for r in resources if isinstance(r, web.DynamicResource)),
     )
     app.router.add_route("*", "/{tail:.*}", openai_errors(_unmatched))
-    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_rules_watcher)
-    app.cleanup_ctx.append(health.health_checks)  # after the session: it uses it
+    app.cleanup_ctx.append(health.health_checks)  # after the upstream client: it uses it
     return app
 
 

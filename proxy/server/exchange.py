@@ -25,6 +25,8 @@ from proxy.core.usage import estimate_tokens
 from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, Usage
 from proxy.server.state import ProxyState
 
+# The attempt metric's outcome label for a local failure (beside the breaker's outcomes).
+LOCAL_FAILURE = "local_failure"
 # Upstream response headers worth relaying: clients read rate-limit and timing headers.
 RELAYED_PREFIXES = ("x-ratelimit-", "openai-processing-ms", "openai-version")
 
@@ -65,12 +67,14 @@ class AttemptFailed(Exception):
         info: ErrorInfo | None = None,
         *,
         transient: bool = False,
+        local: bool = False,
     ) -> None:
         super().__init__(error.message)
         self.error = error
         self.outcome = outcome
         self.info = info
         self.transient = transient
+        self.local = local  # the proxy's own failure (proxy.upstream.errors.LocalFailure)
         self.context_window: int | None = None  # of the candidate that failed
 
 
@@ -100,6 +104,16 @@ class Attempt:
             self._done = True
             ex.upstream_seconds += elapsed
         return elapsed
+
+    def finish_local(self, ex: Exchange) -> None:
+        """A local failure (docs/upstream.md): no breaker outcome, counted as ``local_failure``."""
+        if self._done:
+            return
+        elapsed = self.seconds(ex)
+        self.breaker.release(self.permit)
+        ex.state.record_attempt(
+            self.cand.provider, self.cand.deployment.model, LOCAL_FAILURE, elapsed, None
+        )
 
     def finish(self, ex: Exchange, outcome: Outcome, retry_after: float | None = None) -> None:
         """Record the outcome once: breaker, metrics, time spent upstream."""

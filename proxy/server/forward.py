@@ -42,7 +42,6 @@ from proxy.core.errors import (
     RateLimited,
     ServiceUnavailable,
     UpstreamError,
-    UpstreamTimeout,
 )
 from proxy.core.outcome import Outcome
 from proxy.core.ratelimit import gate_seconds
@@ -68,15 +67,9 @@ from proxy.server.exchange import (
 )
 from proxy.server.state import ProxyState
 from proxy.server.streaming import ClientGone, stream, unreadable
-from proxy.upstream.client import (
-    ConnectFailed,
-    ConnectTimeout,
-    Disconnected,
-    PayloadError,
-    Response,
-    UpstreamPool,
-)
+from proxy.upstream.client import Response, UpstreamPool
 from proxy.upstream.deadline import Guard
+from proxy.upstream.errors import UPSTREAM_ERRORS, BodyTooLarge, failure
 
 LOG = logging.getLogger("cb_proxy.forward")
 
@@ -149,8 +142,10 @@ async def serve(ex: Exchange) -> web.StreamResponse:
                         failed.outcome.value,
                         failed.error.message,
                     )
-                    if failed.outcome is Outcome.IGNORED and not (
-                        failed.info is not None and failed.info.context_window
+                    if (
+                        failed.outcome is Outcome.IGNORED
+                        and not failed.local
+                        and not (failed.info is not None and failed.info.context_window)
                     ):
                         raise failed.error from None
                     if failed.outcome is Outcome.RATE_LIMITED:
@@ -279,6 +274,9 @@ async def _attempt(
     try:
         return await _send(ex, attempt, pool, req, adapter, request_deadline)
     except AttemptFailed as failed:
+        if failed.local:
+            attempt.finish_local(ex)  # the proxy's own failure: the upstream is not to blame
+            raise
         retry_after = failed.info.retry_after if failed.info else None
         attempt.finish(ex, failed.outcome, retry_after)
         raise
@@ -350,50 +348,54 @@ async def _send(
                 if not ex.stream:
                     attempt.first_token()
                     phase = _Phase.IDLE
-                    raw = await _read_body(resp, deadline, timeouts.idle, total_deadline)
+                    raw = await _read_body(
+                        resp,
+                        deadline,
+                        timeouts.idle,
+                        total_deadline,
+                        ex.state.settings.upstream_max_body_bytes,
+                    )
                     obj = _reply_object(ex, attempt, raw)
                     attempt.finish(ex, Outcome.SUCCESS)  # before the headers read its state
                     return _plain_response(ex, attempt, resp.headers, raw, obj)
                 return await stream(ex, attempt, resp, deadline, total_deadline)
-    except TimeoutError:
-        what = {
+    except UPSTREAM_ERRORS as exc:
+        # Transport failures become outcomes and client errors in one place (proxy.upstream.errors).
+        doing = {
             _Phase.CONNECT: "waiting for the response headers",
             _Phase.FIRST_TOKEN: "waiting for the first token",
             _Phase.IDLE: "waiting for the rest of the body",
         }[phase]
-        if loop.time() >= total_deadline:
-            what = "at the total deadline"
+        if isinstance(exc, TimeoutError) and loop.time() >= total_deadline:
+            doing = "at the total deadline"
+        found = failure(exc, cand.deployment.key, doing=doing)
         raise AttemptFailed(
-            UpstreamTimeout(f"upstream {cand.deployment.key} timed out {what}"), Outcome.FAILURE
-        ) from None
-    except ConnectTimeout as exc:
-        raise AttemptFailed(
-            UpstreamTimeout(f"upstream {cand.deployment.key} timed out connecting ({exc})"),
-            Outcome.FAILURE,
-        ) from None
-    except (ConnectFailed, Disconnected) as exc:
-        # Refused, reset or closed before any reply: quick and transient, worth one retry.
-        raise AttemptFailed(
-            UpstreamError(f"upstream {cand.deployment.key} unreachable: {exc}"),
-            Outcome.FAILURE,
-            transient=True,
-        ) from None
-    except (PayloadError, OSError) as exc:
-        raise AttemptFailed(
-            UpstreamError(f"upstream {cand.deployment.key} failed: {type(exc).__name__}: {exc}"),
-            Outcome.FAILURE,
+            found.error, found.outcome, transient=found.transient, local=found.local
         ) from None
 
 
-async def _read_body(resp: Response, deadline: Guard, idle: float, total_deadline: float) -> bytes:
-    """The whole body, with the idle deadline pushed forward at every piece that arrives."""
+async def _read_body(
+    resp: Response, deadline: Guard, idle: float, total_deadline: float, limit: int
+) -> bytes:
+    """The whole body, with the idle deadline pushed forward at every piece that arrives.
+
+    At most ``limit`` bytes (CB_UPSTREAM_MAX_BODY_BYTES): a declared length over it fails
+    before any is read, a chunked or close-delimited body as soon as it passes it.
+    """
+    declared = resp.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"the reply declares {declared} bytes, over {limit}")
     loop = asyncio.get_running_loop()
     parts: list[bytes] = []
+    size = 0
     while True:
         deadline.reschedule(min(loop.time() + idle, total_deadline))
         piece = await resp.read_chunk()
         if not piece:
             return b"".join(parts)
+        size += len(piece)
+        if size > limit:
+            raise BodyTooLarge(f"the reply body is over {limit} bytes (CB_UPSTREAM_MAX_BODY_BYTES)")
         parts.append(piece)
 
 

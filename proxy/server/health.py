@@ -42,7 +42,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy.config.model import Provider
@@ -50,6 +49,7 @@ from proxy.core.breaker import State
 from proxy.providers import registry as providers
 from proxy.server.api import STATE
 from proxy.server.state import ProxyState
+from proxy.upstream.errors import UPSTREAM_ERRORS, failure
 
 LOG = logging.getLogger("cb_proxy.health")
 
@@ -127,7 +127,7 @@ class HealthChecker:
     ) -> None:
         self._state = state
         self.interval = state.settings.health_check_interval if interval is None else interval
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._clock = clock
         self._wall_clock = wall_clock
         self._wait = wait
@@ -161,7 +161,7 @@ class HealthChecker:
         return {
             "enabled": self.enabled,
             "interval_seconds": self.interval,
-            "timeout_seconds": self._timeout.total,
+            "timeout_seconds": self._timeout,
             "providers": {name: h.to_json() for name, h in sorted(self._health.items())},
         }
 
@@ -255,32 +255,33 @@ class HealthChecker:
         state = self._state
         if not state.has_key(provider):
             return Verdict.SKIPPED, f"no key: {provider.api_key_env} is not set", None
-        session = state.session
-        if session is None:
-            return Verdict.SKIPPED, "the client session is not running", None
+        pool = state.upstream
+        if pool is None:
+            return Verdict.SKIPPED, "the upstream client is not running", None
         started = time.perf_counter()
         try:
             request = providers.adapter(provider.type).health_request(
                 provider, state.keys.get(provider.name)
             )
-            async with session.request(
-                request.method,
-                request.url,
-                headers=request.headers,
-                data=request.body,
-                timeout=self._timeout,
-                # A redirect could carry the key to another host; a models list needs none.
-                allow_redirects=False,
-            ) as response:
-                received = 0
-                async for chunk in response.content.iter_any():
-                    received += len(chunk)
-                    if received > MAX_BODY_BYTES:
-                        break
+            # The same client as every request (docs/upstream.md): same pool, proxy, CAs and
+            # limits. It never follows a redirect, which could carry the key to another host.
+            async with asyncio.timeout(self._timeout):
+                response = await pool.request(
+                    request.method,
+                    request.url,
+                    request.headers,
+                    request.body,
+                    connect_timeout=self._timeout,
+                )
+                async with response:
+                    await response.read(limit=MAX_BODY_BYTES)
                 status = response.status
-        except TimeoutError:
-            return Verdict.FAIL, f"no answer within {self._timeout.total:g} s", None
-        except (aiohttp.ClientError, OSError) as exc:
+        except UPSTREAM_ERRORS as exc:
+            found = failure(exc, provider.name, doing=f"(no answer within {self._timeout:g} s)")
+            if found.local:  # our own descriptors or pool ran out: says nothing about theirs
+                return Verdict.IGNORED, f"local failure: {exc}", None
+            if isinstance(exc, TimeoutError):
+                return Verdict.FAIL, f"no answer within {self._timeout:g} s", None
             return Verdict.FAIL, f"{type(exc).__name__}: {exc}", None
         except Exception:
             # A bug here must not trip breakers of healthy upstreams.
@@ -338,7 +339,7 @@ def checker_of(state: ProxyState) -> HealthChecker | None:
 
 
 async def health_checks(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx hook of the API app; must come after the client session's hook."""
+    """cleanup_ctx hook of the API app; must come after the upstream client's hook."""
     state = app[STATE]
     checker = HealthChecker(state)
     _CHECKERS[state] = checker

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy.config.model import Deployment, Provider, RuleSet
@@ -72,8 +71,7 @@ class ProxyState:
     rules: RuleSet
     metrics: Metrics
     keys: dict[str, str | None] = field(default_factory=dict)
-    session: aiohttp.ClientSession | None = None  # health checks and other cold paths
-    upstream: UpstreamPool | None = None  # the hot path's lean HTTP/1.1 client
+    upstream: UpstreamPool | None = None  # the one upstream client (docs/upstream.md)
     usage: UsageTotals = field(default_factory=UsageTotals)
     api_listening: bool = False
     draining: bool = False

@@ -17,8 +17,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.core.errors import UpstreamError, UpstreamTimeout
+from proxy.core.errors import UpstreamError
 from proxy.core.outcome import Outcome
+from proxy.core.sse import EventSizeGuard
 from proxy.providers import registry as providers
 from proxy.providers.base import ErrorInfo, JSONDict, StreamError, StreamTranslator, Usage
 from proxy.providers.openai import OpenAIStreamRelay
@@ -31,8 +32,9 @@ from proxy.server.exchange import (
     client_error,
     relayed_headers,
 )
-from proxy.upstream.client import PayloadError, Response
+from proxy.upstream.client import Response
 from proxy.upstream.deadline import Guard
+from proxy.upstream.errors import UPSTREAM_ERRORS, failure
 
 LOG = logging.getLogger("cb_proxy.forward")
 SSE_HEADERS = {
@@ -67,17 +69,26 @@ class ClientGone(Exception):
 
 
 class StreamRelay:
-    """One interface over the OpenAI byte relay and the translating stream adapters."""
+    """One interface over the OpenAI byte relay and the translating stream adapters.
 
-    __slots__ = ("_relay", "_translator")
+    Every chunk passes the event-size guard first (CB_UPSTREAM_MAX_EVENT_BYTES), so
+    no parser behind it ever holds more than one bounded, unfinished event.
+    """
+
+    __slots__ = ("_guard", "_relay", "_translator")
 
     def __init__(
-        self, relay: OpenAIStreamRelay | None, translator: StreamTranslator | None
+        self,
+        relay: OpenAIStreamRelay | None,
+        translator: StreamTranslator | None,
+        max_event_bytes: int,
     ) -> None:
         self._relay = relay
         self._translator = translator
+        self._guard = EventSizeGuard(max_event_bytes)
 
     def feed(self, chunk: bytes) -> bytes:
+        self._guard.feed(chunk)  # EventTooLarge: mapped with the transport errors
         try:
             if self._relay is not None:
                 return self._relay.feed(chunk)
@@ -139,35 +150,34 @@ async def stream(
 ) -> web.StreamResponse:
     cand = attempt.cand
     adapter = providers.translator(cand.provider.type)
+    max_event = ex.state.settings.upstream_max_event_bytes
     if adapter is None:
-        relay = StreamRelay(OpenAIStreamRelay(strip_usage=not ex.include_usage), None)
+        relay = StreamRelay(OpenAIStreamRelay(strip_usage=not ex.include_usage), None, max_event)
     else:
         relay = StreamRelay(
             None,
             adapter.stream_translator(
                 ex.endpoint, cand.deployment, cand.deployment.upstream_model, ex.include_usage
             ),
+            max_event,
         )
 
     # Phase 1: hold everything until the first content event; failures here fail over.
-    # The caller's deadline (first token) applies; its TimeoutError is handled there.
-    pending = b""
+    # The caller's deadline (first token) applies; its TimeoutError is handled there, and so
+    # are the transport errors (proxy.upstream.errors), which reach it from here unchanged.
+    held: list[bytes] = []
     try:
         while not relay.has_content:
             chunk = await resp.read_chunk()
             if not chunk:
-                pending += relay.finish()
+                held.append(relay.finish())
                 break
-            pending += relay.feed(chunk)
+            held.append(relay.feed(chunk))
     except StreamError as exc:
         raise AttemptFailed(
             client_error(exc.info), exc.info.outcome, exc.info, transient=exc.info.transient
         ) from None
-    except PayloadError as exc:
-        raise AttemptFailed(
-            UpstreamError(f"upstream {cand.deployment.key} dropped the stream before content"),
-            Outcome.FAILURE,
-        ) from exc
+    pending = b"".join(held)
     attempt.first_token()
 
     # Commit: the client gets a 200 and there is no failover from here on.
@@ -204,7 +214,7 @@ async def relay_rest(
     idle = cand.provider.timeouts.idle
     if pending:
         await write(out, pending)
-    failure: JSONDict | None = None
+    failed: JSONDict | None = None
     try:
         # One timer for the rest of the stream, pushed forward at every chunk (idle gap).
         with ex.state.watchdog.guard(min(loop.time() + idle, total_deadline)) as gap:
@@ -224,22 +234,20 @@ async def relay_rest(
                     await write(out, data)
                 gap.reschedule(min(loop.time() + idle, total_deadline))
     except StreamError as exc:
-        failure = exc.info.body
-    except TimeoutError:
-        failure = UpstreamTimeout(
-            f"upstream {cand.deployment.key} stalled mid-stream (no data for {idle:g} s)"
+        failed = exc.info.body
+    except UPSTREAM_ERRORS as exc:
+        # A timeout, a drop, an event over the limit: mapped in one place (proxy.upstream.errors).
+        doing = (
+            f"mid-stream (no data for {idle:g} s)"
             if loop.time() < total_deadline
-            else f"upstream {cand.deployment.key} exceeded the total deadline"
-        ).to_dict()
-    except PayloadError as exc:
-        failure = UpstreamError(
-            f"upstream {cand.deployment.key} dropped the stream ({type(exc).__name__})"
-        ).to_dict()
-    if failure is not None:
+            else "at the total deadline"
+        )
+        failed = failure(exc, cand.deployment.key, doing=doing).error.to_dict()
+    if failed is not None:
         # Never a silent truncated 200: one in-band error event, then the end.
-        await write(out, error_frame(failure))
+        await write(out, error_frame(failed))
     try:
         await out.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
         raise ClientGone(str(exc)) from exc
-    return Outcome.FAILURE if failure is not None else Outcome.SUCCESS
+    return Outcome.FAILURE if failed is not None else Outcome.SUCCESS

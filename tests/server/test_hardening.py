@@ -2,11 +2,11 @@
 
 Each test stands for one finding of the hardening review and fails on the code
 before it (except the quick-close resend, which pins the side of the resend
-window that must not change): keys from the environment (whitespace, CR/LF, echoes of the key,
+rule that must not change): keys from the environment (whitespace, CR/LF, echoes of the key,
 ``Settings`` repr), malformed 2xx replies from translated upstreams, the
-keep-alive resend window, the retry budget held through the retried attempt,
-redirects as failures, the request-wide deadline and the rounding of a relayed
-Retry-After. The stream findings are in ``test_hardening_streams.py``.
+keep-alive resend rule (Go's: only a replayable request), the retry budget held
+through the retried attempt, redirects as failures, the request-wide deadline and
+the rounding of a relayed Retry-After. The stream findings are in ``test_hardening_streams.py``.
 
 Everything runs on 127.0.0.1 port 0 in the test's event loop: the proxy through
 ``tests.harness``, upstreams from ``tests.fakes.upstream`` (or a bare asyncio
@@ -32,7 +32,6 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 import proxy.server.forward as forward
-import proxy.upstream.client as upstream_http
 from proxy.config.check import load_rules
 from proxy.config.settings import Settings
 from proxy.core.breaker import CircuitBreaker, Permit, State
@@ -467,7 +466,8 @@ class KeepAliveUpstream:
         self.bodies.append(await reader.readexactly(length))
 
 
-async def test_a_quick_close_of_an_idle_connection_is_resent_once() -> None:
+async def test_a_quick_close_of_an_idle_connection_resends_only_a_replayable_request() -> None:
+    """Go's rule (proxy.upstream.client.may_resend): the race is resent with an Idempotency-Key."""
     pool = UpstreamPool()
     try:
         async with KeepAliveUpstream("race") as up:
@@ -475,10 +475,11 @@ async def test_a_quick_close_of_an_idle_connection_is_resent_once() -> None:
                 assert resp.status == 200
                 await resp.read()
             # Set, and in the same step send: the pooled connection still looks alive when
-            # taken, and the server closes it unread. Nothing was processed, so the pool sends
-            # the request again, once, on a fresh connection.
+            # taken, and the server closes it unread. The request carries an Idempotency-Key,
+            # so the pool sends it again, once, on a fresh connection.
             up.drop.set()
-            async with await pool.request("POST", up.url, {}, b"two", connect_timeout=2) as resp:
+            key = {"Idempotency-Key": "req-2"}
+            async with await pool.request("POST", up.url, key, b"two", connect_timeout=2) as resp:
                 assert resp.status == 200
                 await resp.read()
             assert up.bodies == [b"one", b"two"]
@@ -487,11 +488,22 @@ async def test_a_quick_close_of_an_idle_connection_is_resent_once() -> None:
         await pool.close()
 
 
-async def test_an_upstream_that_read_the_post_and_died_later_never_gets_it_twice(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A close that comes after the window: a window of zero stands for "later" without a wait.
-    monkeypatch.setattr(upstream_http, "RESEND_WINDOW", 0.0, raising=False)
+async def test_a_quick_close_of_an_idle_connection_is_not_resent_without_a_key() -> None:
+    """The bytes of a plain POST may have reached the upstream: a failure, never a second copy."""
+    pool = UpstreamPool()
+    try:
+        async with KeepAliveUpstream("race") as up:
+            async with await pool.request("POST", up.url, {}, b"one", connect_timeout=2) as resp:
+                await resp.read()
+            up.drop.set()
+            with pytest.raises(Disconnected):
+                await pool.request("POST", up.url, {}, b"two", connect_timeout=2)
+            assert up.connections == 1
+    finally:
+        await pool.close()
+
+
+async def test_an_upstream_that_read_the_post_and_died_later_never_gets_it_twice() -> None:
     pool = UpstreamPool()
     try:
         async with KeepAliveUpstream("crash") as up:
@@ -505,10 +517,7 @@ async def test_an_upstream_that_read_the_post_and_died_later_never_gets_it_twice
         await pool.close()
 
 
-async def test_a_late_close_through_the_proxy_fails_over_without_a_resend(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(upstream_http, "RESEND_WINDOW", 0.0, raising=False)
+async def test_a_late_close_through_the_proxy_fails_over_without_a_resend(tmp_path: Path) -> None:
     async with KeepAliveUpstream("crash") as up, rig(tmp_path, f"http://127.0.0.1:{up.port}") as r:
         # The first request leaves a keep-alive connection to the primary in the pool.
         first = await r.sdk.chat.completions.with_raw_response.create(model="solo", messages=CHAT)

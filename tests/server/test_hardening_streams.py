@@ -80,7 +80,10 @@ async def rig(
             primary=primary_url, backup=backup.url, first_token=first_token, idle=idle
         )
         async with (
-            running_proxy(write_rules(tmp_path, text)) as proxy,
+            # One event here may be as large as the slow-client tests need (over the default).
+            running_proxy(
+                write_rules(tmp_path, text), upstream_max_event_bytes=2 * STREAM_CAP
+            ) as proxy,
             AsyncOpenAI(base_url=proxy.base_url, api_key="client-key", max_retries=0) as sdk,
         ):
             yield Rig(proxy, backup, sdk)
