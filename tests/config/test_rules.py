@@ -1126,3 +1126,19 @@ def test_fingerprint_of_plain_files(tmp_path: Path) -> None:
     dangling = tmp_path / "dangling.yaml"
     dangling.symlink_to(tmp_path / "nowhere.yaml")
     assert file_fingerprint(dangling) is None
+
+
+def test_the_libyaml_loader_decodes_like_the_pure_one(tmp_path: Path) -> None:
+    import yaml
+
+    from proxy.config import check
+
+    for path in [*SHIPPED, write_full(tmp_path)]:
+        text = path.read_text()
+        assert check._decode(text) == yaml.load(text, Loader=check._StrictLoader)
+
+
+def write_full(tmp_path: Path) -> Path:
+    path = tmp_path / "full.yaml"
+    path.write_text(FULL_YAML)
+    return path
