@@ -7,7 +7,10 @@ nor poll: ``await m.wait_requests(n)`` wakes on the mock's own change event.
 ``RawStreamServer`` answers with exactly the bytes it is given, each chunk
 written and drained on its own, so a test controls where the body is split
 (inside an SSE event, inside a UTF-8 sequence), can hold the body at a chunk
-until ``release()``, and can hang up mid-body.
+until ``release()``, can hang up mid-body, and can send a head of exact bytes
+(``raw_head``: duplicate or conflicting framing headers).
+
+``ConnectProxy`` (``tests.fakes.connect_proxy``) is the egress proxy fake.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class RawReply:
     chunked: bool = True  # Transfer-Encoding: chunked; False = no length, the close ends the body
     stop_after: int | None = None  # hang up after this many chunks, without the final chunk
     hold_before: int | None = None  # wait for release() before writing chunks[hold_before]
+    raw_head: bytes | None = None  # the status line and headers exactly (no CRLF CRLF added)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class RawStreamServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._release = asyncio.Event()
         self._changed = asyncio.Event()
+        self.bytes_written = 0  # body bytes the client took before it hung up (or all of them)
 
     @property
     def url(self) -> str:
@@ -175,11 +180,14 @@ class RawStreamServer:
                 self._tasks.discard(task)
 
     async def _write(self, writer: asyncio.StreamWriter, reply: RawReply) -> None:
-        lines = [f"HTTP/1.1 {reply.status} Mock", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in reply.headers.items()]
-        if reply.chunked:
-            lines.append("Transfer-Encoding: chunked")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if reply.raw_head is not None:
+            writer.write(reply.raw_head)
+        else:
+            lines = [f"HTTP/1.1 {reply.status} Mock", "Connection: close"]
+            lines += [f"{k}: {v}" for k, v in reply.headers.items()]
+            if reply.chunked:
+                lines.append("Transfer-Encoding: chunked")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         await writer.drain()
         for index, chunk in enumerate(reply.chunks):
             if reply.stop_after is not None and index >= reply.stop_after:
@@ -190,6 +198,7 @@ class RawStreamServer:
                 chunk = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
             writer.write(chunk)
             await writer.drain()
+            self.bytes_written += len(chunk)
         if reply.stop_after is None and reply.chunked:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
