@@ -8,7 +8,13 @@ answer, with precomputed bytes:
   content chunks, finish chunk, a usage chunk when ``include_usage`` is true,
   ``[DONE]``);
 - ``POST /v1/messages``: the Anthropic Messages equivalents;
-- any ``GET``: an empty model list (health checks).
+- any ``GET``: an empty model list (health checks);
+- a streaming chat request for the model ``bench-hold``: a long-lived stream
+  that sends its role chunk at once, then one small content event every
+  ``hold_interval`` seconds (the first after a fraction of it that differs
+  from stream to stream, so thousands of streams do not tick together), and
+  ends after ``HOLD_MAX_SECONDS`` or when the client closes the connection.
+  ``make bench`` holds thousands of these open to measure memory per stream.
 
 Invariants: a stream is written one SSE event per event-loop turn (as HTTP
 chunks), not in one burst, so relays see events arrive separately the way real
@@ -20,9 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -39,6 +46,11 @@ MAX_HEAD_BYTES = 64 * 1024
 STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 READY_PREFIX = "fake-upstream ready"
+HOLD_MODEL = "bench-hold"
+HOLD_RE = re.compile(rb'"model"\s*:\s*"' + HOLD_MODEL.encode() + rb'"')
+HOLD_INTERVAL = 1.0  # seconds between two events of a held stream
+HOLD_MAX_SECONDS = 120.0  # a held stream ends by itself after this
+GOLDEN = 0.6180339887498949  # spreads the first ticks of successive streams evenly
 
 
 def _json_response(status: str, body: bytes, close: bool = False) -> bytes:
@@ -53,14 +65,16 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
 def _stream_pieces(events: Sequence[bytes]) -> tuple[bytes, ...]:
     """One write per SSE event; the head goes with the first, the last chunk with the last."""
-    head = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
-    )
     pieces = [_chunk(e) for e in events]
-    pieces[0] = head + pieces[0]
+    pieces[0] = STREAM_HEAD + pieces[0]
     pieces[-1] += b"0\r\n\r\n"
     return tuple(pieces)
 
@@ -211,6 +225,19 @@ class Replies:
 
 
 REPLIES = Replies()
+HOLD_EVENTS = openai_stream_events(include_usage=True)
+HOLD_HEAD = STREAM_HEAD + _chunk(HOLD_EVENTS[0])  # the role chunk comes at once
+HOLD_TICK = _chunk(_openai_chunk({"content": TOKEN_TEXT}))
+HOLD_END = b"".join(_chunk(e) for e in HOLD_EVENTS[-3:]) + b"0\r\n\r\n"  # finish, usage, DONE
+
+
+def wants_hold(path: bytes, body: bytes) -> bool:
+    """A streaming chat request for ``HOLD_MODEL``."""
+    return (
+        path.split(b"?", 1)[0] == b"/v1/chat/completions"
+        and STREAM_RE.search(body) is not None
+        and HOLD_RE.search(body) is not None
+    )
 
 
 def choose_reply(method: bytes, path: bytes, body: bytes) -> bytes | tuple[bytes, ...]:
@@ -233,12 +260,16 @@ def choose_reply(method: bytes, path: bytes, body: bytes) -> bytes | tuple[bytes
 class _Connection(asyncio.Protocol):
     """One client connection: parse requests in order, answer each before the next."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_interval: float, phases: Iterator[float]) -> None:
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._pending: tuple[bytes, ...] = ()  # stream pieces still to write
         self._close_after = False
         self._loop = asyncio.get_running_loop()
+        self._hold_interval = hold_interval
+        self._phases = phases
+        self._hold: asyncio.TimerHandle | None = None  # the next tick of a held stream
+        self._ticks_left = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # TCP servers make only these
@@ -246,14 +277,17 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._pending = ()
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        if not self._pending:
+        if not self._pending and self._hold is None:
             self._serve_buffered()
 
     def _serve_buffered(self) -> None:
-        while self._transport is not None and not self._pending:
+        while self._transport is not None and not self._pending and self._hold is None:
             end = self._buf.find(HEADER_END)
             if end < 0:
                 if len(self._buf) > MAX_HEAD_BYTES:
@@ -282,6 +316,9 @@ class _Connection(asyncio.Protocol):
                 return
             body = bytes(self._buf[end + len(HEADER_END) : total])
             del self._buf[:total]
+            if parts[0] == b"POST" and wants_hold(parts[1], body):
+                self._start_hold()
+                return
             reply = choose_reply(parts[0], parts[1], body)
             if isinstance(reply, bytes):
                 self._transport.write(reply)
@@ -302,6 +339,28 @@ class _Connection(asyncio.Protocol):
         self._finish_one()
         self._serve_buffered()
 
+    def _start_hold(self) -> None:
+        if self._transport is None:
+            return
+        self._transport.write(HOLD_HEAD)
+        self._ticks_left = max(1, round(HOLD_MAX_SECONDS / self._hold_interval))
+        first = self._hold_interval * next(self._phases)
+        self._hold = self._loop.call_later(first, self._tick)
+
+    def _tick(self) -> None:
+        if self._transport is None:
+            self._hold = None
+            return
+        self._ticks_left -= 1
+        if self._ticks_left > 0:
+            self._transport.write(HOLD_TICK)
+            self._hold = self._loop.call_later(self._hold_interval, self._tick)
+            return
+        self._transport.write(HOLD_TICK + HOLD_END)
+        self._hold = None
+        self._finish_one()
+        self._serve_buffered()
+
     def _finish_one(self) -> None:
         if self._close_after and self._transport is not None:
             self._transport.close()
@@ -314,10 +373,21 @@ class _Connection(asyncio.Protocol):
             self._transport = None
 
 
-async def start_fake_upstream(host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+def _phases() -> Iterator[float]:
+    """Fractions in [0, 1), evenly spread whatever how many are taken (golden-ratio steps)."""
+    return ((k * GOLDEN) % 1.0 for k in itertools.count())
+
+
+async def start_fake_upstream(
+    host: str = "127.0.0.1", port: int = 0, *, hold_interval: float = HOLD_INTERVAL
+) -> asyncio.Server:
     """Listen on host:port (0 = any free port); the caller closes the returned server."""
+    if hold_interval <= 0:
+        raise ValueError("hold_interval must be positive")
     loop = asyncio.get_running_loop()
-    return await loop.create_server(_Connection, host, port, backlog=1024)
+    phases = _phases()
+    factory: Callable[[], _Connection] = lambda: _Connection(hold_interval, phases)  # noqa: E731
+    return await loop.create_server(factory, host, port, backlog=4096)
 
 
 def server_url(server: asyncio.Server) -> str:
@@ -325,8 +395,8 @@ def server_url(server: asyncio.Server) -> str:
     return f"http://{host}:{port}"
 
 
-async def _serve_forever(host: str, port: int) -> None:
-    server = await start_fake_upstream(host, port)
+async def _serve_forever(host: str, port: int, hold_interval: float) -> None:
+    server = await start_fake_upstream(host, port, hold_interval=hold_interval)
     print(f"{READY_PREFIX} {server_url(server)}", flush=True)
     async with server:
         await server.serve_forever()
@@ -335,14 +405,21 @@ async def _serve_forever(host: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fake_upstream", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT, port 0 = any")
+    parser.add_argument(
+        "--hold-interval",
+        type=float,
+        default=HOLD_INTERVAL,
+        help=f"seconds between events of a {HOLD_MODEL} stream",
+    )
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
+    coro = _serve_forever(host or "127.0.0.1", int(port), args.hold_interval)
     try:
         import uvloop
 
-        uvloop.run(_serve_forever(host or "127.0.0.1", int(port)))
+        uvloop.run(coro)
     except ImportError:  # pragma: no cover - platforms without uvloop
-        asyncio.run(_serve_forever(host or "127.0.0.1", int(port)))
+        asyncio.run(coro)
     except KeyboardInterrupt:
         pass
     return 0
