@@ -24,7 +24,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
+from proxy.core.sse import EventSizeGuard, EventTooLarge, SSEParser
+from proxy.providers.openai import OpenAIStreamRelay
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
 
@@ -271,3 +274,30 @@ async def test_pool_exhaustion_with_no_other_candidate_is_a_503(tmp_path: Path) 
         assert reports(r.proxy, "primary")["failure"] == 0
         up.release()
         assert (await first)[0] == 200
+
+
+# -- the relay and parser paths stay linear and exact at every split ----------------------------
+
+
+def test_relay_parser_and_guard_agree_at_every_split() -> None:
+    """Pieces without a newline are kept, not re-joined per read; the output is unchanged."""
+    stream = CONTENT.replace(b"\n\n", b"\r\n\r\n") + CONTENT + b"data: [DONE]\n\n"
+    whole = OpenAIStreamRelay(strip_usage=False)
+    expected = whole.feed(stream) + whole.finish()
+    for size in (1, 2, 3, 7, 64):
+        relay = OpenAIStreamRelay(strip_usage=False)
+        parser = SSEParser()
+        guard = EventSizeGuard(len(CONTENT) + 4)
+        out, events = b"", []
+        for at in range(0, len(stream), size):
+            piece = stream[at : at + size]
+            guard.feed(piece)  # never more than one event's bytes since a blank line
+            out += relay.feed(piece)
+            events += parser.feed(piece)
+        assert out + relay.finish() == expected
+        assert [e.data for e in events + parser.close()][-1] == "[DONE]"
+    guard = EventSizeGuard(10)
+    for _ in range(10):
+        guard.feed(b"a")  # ten bytes of one unfinished event: at the bound, not over it
+    with pytest.raises(EventTooLarge):
+        guard.feed(b"a")
