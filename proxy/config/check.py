@@ -11,7 +11,7 @@ a ``RuleSet``.
 
 Why a hand-written validator rather than pydantic v2 or msgspec: measured
 with ``python -m bench.rules_load`` (50,000 models, 13.8 MB of YAML), YAML
-decoding is 90 % of a load (about 8 s with libyaml, 47 s pure Python)
+decoding is most of a load (about 8 s with libyaml, 31 to 47 s pure Python)
 while validation is about 1 s here and about 0.5 s for a pydantic model
 that checks less (no cross-references, collisions, URLs, headers or indexes);
 so a library would save a few percent of the load while costing the
@@ -735,7 +735,7 @@ class _StrictLoader(_RejectDuplicates, yaml.SafeLoader):
 
 
 # libyaml parses a large file about 5x faster (bench/rules_load.py: 50,000 models in
-# about 8 s instead of 47 s); its error texts differ, so a file it fails on is parsed
+# about 8 s instead of 31 to 47 s); its error texts differ, so a file it fails on is parsed
 # again by the pure loader, whose message is reported. None when PyYAML lacks libyaml.
 _FastStrictLoader: type[Any] | None = (
     type("_FastStrictLoader", (_RejectDuplicates, yaml.CSafeLoader), {})

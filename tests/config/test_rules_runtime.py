@@ -362,7 +362,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveProxy, 
 
 
 def error_count(proxy: ProxyHandle) -> float:
-    return proxy.state.metrics.rules_reloads.labels("error")._value.get()
+    return float(proxy.state.metrics.rules_reloads.labels("error")._value.get())
 
 
 @RUNTIME_SETTINGS
