@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from proxy.config.check import load_rules
 from proxy.config.model import STRATEGIES, TASK_TYPES, RulesError, format_problems
 from proxy.config.settings import SettingsError, load_settings
+from proxy.core.breaker import CircuitBreakerConfig
 from proxy.core.candidates import StaticView
 from proxy.core.prefs import RequestPrefs, parse_prefs
 from proxy.core.router import plan_route
@@ -78,7 +79,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 "grace_period": args.grace_period,
             },
         )
-    except SettingsError as exc:
+        # The breaker defaults come from the environment too (CB_TIMEOUT_SECONDS, ...): a bad
+        # value is a start-up error with its name, like any other setting, not a traceback.
+        CircuitBreakerConfig.from_env(settings.environ)
+    except (SettingsError, ValueError) as exc:
         print(f"cb-proxy: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
