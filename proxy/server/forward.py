@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -79,6 +79,12 @@ DEFAULT_RETRY_AFTER = 1.0
 FORCED_OPEN_RETRY_AFTER = 60.0
 
 
+# One upstream try: (exchange, candidate, index, breaker, permit, request deadline) -> response.
+AttemptFn = Callable[
+    [Exchange, Candidate, int, CircuitBreaker, Permit, float], Awaitable[web.StreamResponse]
+]
+
+
 class _Phase:
     CONNECT = "connect"
     FIRST_TOKEN = "first_token"
@@ -86,8 +92,12 @@ class _Phase:
     TOTAL = "total"
 
 
-async def serve(ex: Exchange) -> web.StreamResponse:
-    """Walk the plan; return the response (a stream is already written when returned)."""
+async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.StreamResponse:
+    """Walk the plan; return the response (a stream is already written when returned).
+
+    ``attempt`` replaces the upstream call (``_attempt``): tests script it to drive the loop.
+    """
+    try_upstream = _attempt if attempt is None else attempt
     plan = ex.plan
     if not plan.candidates:
         raise _nothing_to_try(ex)
@@ -128,7 +138,7 @@ async def serve(ex: Exchange) -> web.StreamResponse:
                     open_waits.append(FORCED_OPEN_RETRY_AFTER if wait is None else wait)
                     break
                 try:
-                    return await _attempt(ex, cand, index, breaker, permit, deadline)
+                    return await try_upstream(ex, cand, index, breaker, permit, deadline)
                 except AttemptFailed as failed:
                     if holding:  # the retried attempt is over: its budget slot returns
                         state.retries_in_flight -= 1

@@ -552,8 +552,8 @@ BUDGET_FLOOR = 3
 
 
 class FakeAttempts:
-    """Stands in for ``forward._attempt``: each request's first try fails fast and transiently;
-    its retry (or fallback) then runs upstream until ``release``.
+    """The upstream call given to ``forward.serve(ex, attempt=...)``: each request's first try
+    fails fast and transiently; its retry (or fallback) then runs upstream until ``release``.
 
     ``starts`` records, for each retry as it starts, the retries then running upstream and
     the budget in force (max(3, ratio * active requests)).
@@ -605,13 +605,10 @@ class FakeAttempts:
 
 
 @pytest.mark.parametrize("end", ["complete", "cancel"])
-async def test_retries_running_upstream_never_exceed_the_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
-) -> None:
+async def test_retries_running_upstream_never_exceed_the_budget(tmp_path: Path, end: str) -> None:
     rules = load_rules(write_rules(tmp_path, BUDGET_RULES))
     state = ProxyState(settings=Settings(rules_path=tmp_path), rules=rules, metrics=Metrics())
     fake = FakeAttempts(state)
-    monkeypatch.setattr(forward, "_attempt", fake.attempt)
 
     async def one(i: int) -> web.StreamResponse:
         state.in_flight += 1
@@ -628,7 +625,7 @@ async def test_retries_running_upstream_never_exceed_the_budget(
                 request_id=str(i),
                 started=0.0,
             )
-            return await forward.serve(ex)
+            return await forward.serve(ex, attempt=fake.attempt)
         finally:
             state.in_flight -= 1
 
