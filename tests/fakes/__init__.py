@@ -1,1 +1,1 @@
-"""Fake upstreams for tests: the mock server run in-process, and a byte-level stream server."""
+"""Fake upstreams for tests: the mock server run in-process, and one raw scripted server."""

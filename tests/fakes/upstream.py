@@ -4,11 +4,12 @@
 and gives direct access to its faults and statistics, so tests neither sleep
 nor poll: ``await m.wait_requests(n)`` wakes on the mock's own change event.
 
-``RawStreamServer`` answers with exactly the bytes it is given, each chunk
-written and drained on its own, so a test controls where the body is split
-(inside an SSE event, inside a UTF-8 sequence), can hold the body at a chunk
-until ``release()``, can hang up mid-body, and can send a head of exact bytes
-(``raw_head``: duplicate or conflicting framing headers).
+``RawStreamServer``, a script on the one raw server (``tests.fakes.raw``),
+answers with exactly the bytes it is given, each chunk written and drained on
+its own, so a test controls where the body is split (inside an SSE event,
+inside a UTF-8 sequence), can hold the body at a chunk until ``release()``, can
+hang up mid-body, and can send a head of exact bytes (``raw_head``: duplicate or
+conflicting framing headers). Its ``requests`` are ``tests.fakes.raw.RawRequest``.
 
 ``ConnectProxy`` (``tests.fakes.connect_proxy``) is the egress proxy fake.
 """
@@ -32,9 +33,7 @@ from proxy.mock.app import (
     create_mock_app,
     start_mock_server,
 )
-
-DEFAULT_WAIT_SECONDS = 5.0
-HEADER_LIMIT = 64 * 1024
+from tests.fakes.raw import DEFAULT_WAIT_SECONDS, Peer, RawUpstream
 
 
 @dataclass
@@ -106,44 +105,24 @@ class RawReply:
     raw_head: bytes | None = None  # the status line and headers exactly (no CRLF CRLF added)
 
 
-@dataclass(frozen=True)
-class RawRequest:
-    method: str
-    path: str
-    headers: Mapping[str, str]  # lower-cased names
-    body: bytes
+class RawStreamServer(RawUpstream):
+    """``async with RawStreamServer(RawReply(...)) as s:``; replies in order, the last repeats.
 
-
-class RawStreamServer:
-    """``async with RawStreamServer(RawReply(...)) as s:``; replies in order, the last repeats."""
+    One request per connection (each reply says ``Connection: close``); the reply is chosen by
+    the request's arrival order.
+    """
 
     def __init__(self, *replies: RawReply) -> None:
+        super().__init__(self._serve)
         self.replies = list(replies) or [RawReply()]
-        self.requests: list[RawRequest] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._release = asyncio.Event()
-        self._changed = asyncio.Event()
         self.bytes_written = 0  # body bytes the client took before it hung up (or all of them)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self._release = asyncio.Event()
 
     def release(self) -> None:
         self._release.set()
 
     async def wait_requests(self, n: int, within: float = DEFAULT_WAIT_SECONDS) -> None:
-        async with asyncio.timeout(within):
-            while len(self.requests) < n:
-                changed = self._changed
-                await changed.wait()
-
-    async def __aenter__(self) -> RawStreamServer:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=HEADER_LIMIT)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
+        await self.wait_until(lambda s: len(s.requests) >= n, within)
 
     async def __aexit__(
         self,
@@ -152,34 +131,14 @@ class RawStreamServer:
         tb: TracebackType | None,
     ) -> None:
         self.release()
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        await super().__aexit__(exc_type, exc, tb)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            request = await _read_request(reader)
-            if request is not None:
-                reply = self.replies[min(len(self.requests), len(self.replies) - 1)]
-                self.requests.append(request)
-                self._changed.set()
-                self._changed = asyncio.Event()
-                await self._write(writer, reply)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client hung up: nothing left to answer
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-
-    async def _write(self, writer: asyncio.StreamWriter, reply: RawReply) -> None:
+    async def _serve(self, peer: Peer) -> None:
+        if await peer.receive() is None:
+            return
+        # No await since the request was recorded: it is the last one.
+        reply = self.replies[min(len(self.requests) - 1, len(self.replies) - 1)]
+        writer = peer.writer
         if reply.raw_head is not None:
             writer.write(reply.raw_head)
         else:
@@ -191,7 +150,7 @@ class RawStreamServer:
         await writer.drain()
         for index, chunk in enumerate(reply.chunks):
             if reply.stop_after is not None and index >= reply.stop_after:
-                return  # the caller closes the socket: a body cut mid-way
+                return  # the server closes the socket: a body cut mid-way
             if reply.hold_before == index:
                 await self._release.wait()
             if reply.chunked and chunk:  # an empty chunk would end a chunked body
@@ -202,24 +161,3 @@ class RawStreamServer:
         if reply.stop_after is None and reply.chunked:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
-
-
-async def _read_request(reader: asyncio.StreamReader) -> RawRequest | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return None
-    request_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-    method, path, _ = request_line.split(" ", 2)
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = b""
-        while size := int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16):
-            body += (await reader.readexactly(size + 2))[:-2]
-        await reader.readuntil(b"\r\n")
-    else:
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return RawRequest(method, path, headers, body)

@@ -1,8 +1,9 @@
 """proxy.upstream.client against real sockets on 127.0.0.1: framing, keep-alive, failures, TLS.
 
-``FakeUpstream`` writes exact response bytes and records what it received, per
-accepted connection, so a test can count connections and see the client hang
-up. The decoder's split-anywhere properties feed a connection piece by piece
+The shared raw server (``tests.fakes.raw.RawUpstream``) runs a script per
+accepted connection that writes exact response bytes, and records what it
+received, so a test can count connections and see the client hang up. The
+decoder's split-anywhere properties feed a connection piece by piece
 (``ScriptedConnection``) instead: TCP may merge what a server writes
 separately, and the point there is to reach every split.
 """
@@ -15,13 +16,10 @@ import hashlib
 import itertools
 import socket
 import ssl
-import struct
 import subprocess
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
@@ -41,187 +39,12 @@ from proxy.upstream.client import (
     may_resend,
     split_url,
 )
+from tests.fakes.raw import Handler, Peer, RawUpstream, ok, serving
 from tests.fakes.upstream import RawReply, RawStreamServer
 
 CONNECT = 5.0  # connect_timeout for requests to fakes that do accept
 WAIT = 5.0  # bound on waiting for an event a test expects to happen
 ORIGIN = ("http", "upstream.test", 80)
-
-Handler = Callable[["Peer"], Awaitable[None]]
-
-
-# -- a fake upstream that speaks raw bytes -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Received:
-    head: bytes  # request line and header lines, without the blank line
-    body: bytes
-
-    @property
-    def request_line(self) -> str:
-        return self.head.split(b"\r\n", 1)[0].decode("latin-1")
-
-    def header(self, name: str) -> list[str]:
-        values = []
-        for line in self.head.decode("latin-1").split("\r\n")[1:]:
-            key, _, value = line.partition(":")
-            if key.strip().lower() == name.lower():
-                values.append(value.strip())
-        return values
-
-
-class Peer:
-    """The server's side of one accepted connection."""
-
-    def __init__(
-        self,
-        index: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        changed: Callable[[], None],
-    ) -> None:
-        self.index = index
-        self.reader = reader
-        self.writer = writer
-        self.requests: list[Received] = []
-        self.client_closed = asyncio.Event()  # the client's EOF (or reset) reached the server
-        self._changed = changed
-
-    async def receive(self) -> Received | None:
-        """The next request, or None once the client closed its side."""
-        try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self._closed()
-            return None
-        lengths = Received(head, b"").header("content-length")
-        body = await self.reader.readexactly(int(lengths[0])) if lengths else b""
-        request = Received(head[:-4], body)
-        self.requests.append(request)
-        self._changed()
-        return request
-
-    async def until_client_closes(self) -> None:
-        try:
-            while await self.reader.read(1 << 16):
-                pass
-        except ConnectionError:
-            pass
-        self._closed()
-
-    def _closed(self) -> None:
-        self.client_closed.set()
-        self._changed()
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    def reset(self) -> None:
-        """Close with RST instead of FIN (SO_LINGER with a zero timeout)."""
-        sock = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
-
-
-class FakeUpstream:
-    """``async with FakeUpstream(handler) as up:``; ``handler(peer)`` runs per connection."""
-
-    def __init__(self, handler: Handler, *, tls: ssl.SSLContext | None = None) -> None:
-        self.handler = handler
-        self.tls = tls
-        self.peers: list[Peer] = []
-        self.port = 0
-        self.errors: list[BaseException] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._change = asyncio.Event()
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
-
-    @property
-    def connections(self) -> int:
-        return len(self.peers)
-
-    @property
-    def requests(self) -> list[Received]:
-        return [r for peer in self.peers for r in peer.requests]
-
-    @property
-    def closed_by_client(self) -> int:
-        return sum(peer.client_closed.is_set() for peer in self.peers)
-
-    async def wait_until(self, condition: Callable[[FakeUpstream], bool]) -> None:
-        """Wake at each accept, request and client close until ``condition`` holds."""
-        async with asyncio.timeout(WAIT):
-            while not condition(self):
-                change = self._change
-                await change.wait()
-
-    def _changed(self) -> None:
-        self._change.set()
-        self._change = asyncio.Event()
-
-    async def __aenter__(self) -> FakeUpstream:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.tls)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-        if exc_type is None and self.errors:
-            raise self.errors[0]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        peer = Peer(len(self.peers), reader, writer, self._changed)
-        self.peers.append(peer)
-        self._changed()
-        try:
-            await self.handler(peer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client hung up; whether that was right is the test's to check
-        except asyncio.CancelledError:
-            pass  # our own teardown; ending quietly keeps asyncio's accept callback quiet
-        except Exception as exc:  # a broken fake must fail the test, not vanish in a log
-            self.errors.append(exc)
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-
-
-def serving(*replies: bytes) -> Handler:
-    """Answer every request with the next reply (the last repeats); keep connections open."""
-    counter = itertools.count()
-
-    async def handle(peer: Peer) -> None:
-        while await peer.receive() is not None:
-            await peer.send(replies[min(next(counter), len(replies) - 1)])
-
-    return handle
-
-
-def ok(body: bytes = b"ok", *headers: str, status: str = "200 OK") -> bytes:
-    """A keep-alive HTTP/1.1 response framed by Content-Length."""
-    lines = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 @pytest.fixture
@@ -275,7 +98,7 @@ def test_split_url_refuses_what_it_cannot_connect_to(url: str) -> None:
 async def test_request_head_carries_host_port_length_and_the_given_headers(
     pool: UpstreamPool,
 ) -> None:
-    async with FakeUpstream(serving(ok())) as up:
+    async with RawUpstream(serving(ok())) as up:
         body = b'{"model":"m"}'
         headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
         resp = await pool.request(
@@ -297,7 +120,7 @@ async def test_request_head_carries_host_port_length_and_the_given_headers(
 async def test_get_without_body_sends_no_content_length_and_post_without_body_sends_zero(
     pool: UpstreamPool,
 ) -> None:
-    async with FakeUpstream(serving(ok())) as up:
+    async with RawUpstream(serving(ok())) as up:
         await fetch(pool, f"{up.url}/models")
         await fetch(pool, f"{up.url}/v1/x", method="POST")
         get, post = up.requests
@@ -311,7 +134,7 @@ async def test_get_without_body_sends_no_content_length_and_post_without_body_se
 
 async def test_content_length_body_and_case_insensitive_multi_headers(pool: UpstreamPool) -> None:
     reply = ok(b"hello", "X-Thing: one", "x-thing: two", "Content-Type: text/plain")
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             assert resp.status == 200
@@ -330,7 +153,7 @@ async def test_chunked_body_with_extensions_and_trailers_then_reuse(pool: Upstre
         b"1\r\n!\r\n"
         b"0;last=yes\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
     )
-    async with FakeUpstream(serving(chunked, ok(b"second"))) as up:
+    async with RawUpstream(serving(chunked, ok(b"second"))) as up:
         assert await fetch(pool, up.url) == (200, b"hello world, 10!")
         # The trailers were consumed: the next reply on the same connection parses cleanly.
         assert await fetch(pool, up.url) == (200, b"second")
@@ -345,7 +168,7 @@ async def test_close_delimited_body_ends_at_the_close_and_is_not_pooled(
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nno length, ")
         await peer.send(b"just the end")
 
-    async with FakeUpstream(close_delimited) as up:
+    async with RawUpstream(close_delimited) as up:
         assert await fetch(pool, up.url) == (200, b"no length, just the end")
         assert await fetch(pool, up.url) == (200, b"no length, just the end")
         assert up.connections == 2
@@ -357,7 +180,7 @@ async def test_bytes_after_the_body_keep_the_connection_out_of_the_pool(
 ) -> None:
     """Whatever follows a complete body answers nothing we asked: never reuse that connection."""
     junk = ok(b"not for you")
-    async with FakeUpstream(serving(ok(b"first") + junk, ok(b"second"))) as up:
+    async with RawUpstream(serving(ok(b"first") + junk, ok(b"second"))) as up:
         assert await fetch(pool, up.url) == (200, b"first")
         assert await fetch(pool, up.url) == (200, b"second")
         assert up.connections == 2
@@ -373,7 +196,7 @@ async def test_bytes_after_the_body_keep_the_connection_out_of_the_pool(
 async def test_no_body_statuses_have_no_body_and_keep_the_connection(
     pool: UpstreamPool, reply: bytes
 ) -> None:
-    async with FakeUpstream(serving(reply, ok(b"next"))) as up:
+    async with RawUpstream(serving(reply, ok(b"next"))) as up:
         status, body = await fetch(pool, up.url)
         assert (status, body) == (int(reply[9:12]), b"")
         assert await fetch(pool, up.url) == (200, b"next")
@@ -386,7 +209,7 @@ async def test_interim_1xx_responses_are_skipped(pool: UpstreamPool) -> None:
         b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
         + ok(b"final", "X-Final: 1")
     )
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             assert resp.status == 200
@@ -422,7 +245,7 @@ async def test_read_limit_cuts_an_unfinished_body_and_drops_the_connection(
 
 async def test_read_limit_never_returns_more_than_the_limit(pool: UpstreamPool) -> None:
     body = bytes(range(256)) * 40
-    async with FakeUpstream(serving(ok(body))) as up:
+    async with RawUpstream(serving(ok(body))) as up:
         for limit in (0, 1, 100, len(body) - 1):
             resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
             async with resp:
@@ -445,7 +268,7 @@ async def test_large_body_streams_with_backpressure_and_without_loss(pool: Upstr
         await peer.send(ok(body))
         await peer.until_client_closes()
 
-    async with FakeUpstream(big) as up:
+    async with RawUpstream(big) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             conn = resp._conn
@@ -483,7 +306,7 @@ async def test_large_body_streams_with_backpressure_and_without_loss(pool: Upstr
 
 
 async def test_sequential_requests_reuse_one_connection(pool: UpstreamPool) -> None:
-    async with FakeUpstream(serving(ok(b"a"), ok(b"bb"), ok(b"ccc"))) as up:
+    async with RawUpstream(serving(ok(b"a"), ok(b"bb"), ok(b"ccc"))) as up:
         bodies = [await fetch(pool, f"{up.url}/{n}", method="POST", body=b"x") for n in range(3)]
         assert bodies == [(200, b"a"), (200, b"bb"), (200, b"ccc")]
         assert up.connections == 1
@@ -504,7 +327,7 @@ async def test_concurrent_requests_use_separate_connections_and_max_idle_bounds_
 
     pool = UpstreamPool(max_idle=1)
     try:
-        async with FakeUpstream(held) as up:
+        async with RawUpstream(held) as up:
             first = asyncio.create_task(fetch(pool, up.url))
             second = asyncio.create_task(fetch(pool, up.url))
             await up.wait_until(lambda u: len(u.requests) == 2)
@@ -543,7 +366,7 @@ async def test_a_replayable_request_on_a_closed_idle_connection_is_resent_on_a_f
 ) -> None:
     """The keep-alive race (Go's shouldRetryRequest): replayable, and no response byte came."""
     drop_idle = asyncio.Event()
-    async with FakeUpstream(drops_the_second_request_unread(drop_idle)) as up:
+    async with RawUpstream(drops_the_second_request_unread(drop_idle)) as up:
         assert await fetch(pool, up.url) == (200, b"first")
         assert idle_count(pool, up.port) == 1
         # Set, and in the same step send: the pooled connection still looks alive when taken,
@@ -564,7 +387,7 @@ async def test_a_post_whose_bytes_were_written_is_not_resent_even_in_the_keep_al
 ) -> None:
     """No Idempotency-Key: the bytes may have reached the upstream, so never a second copy."""
     drop_idle = asyncio.Event()
-    async with FakeUpstream(drops_the_second_request_unread(drop_idle)) as up:
+    async with RawUpstream(drops_the_second_request_unread(drop_idle)) as up:
         assert await fetch(pool, up.url) == (200, b"first")
         drop_idle.set()
         with pytest.raises(Disconnected) as info:
@@ -583,7 +406,7 @@ async def test_a_connection_found_closed_before_writing_is_replaced_for_any_meth
         await peer.receive()
         await peer.send(ok(b"reply"))  # keep-alive, then the server closes at once
 
-    async with FakeUpstream(one_reply_then_close) as up:
+    async with RawUpstream(one_reply_then_close) as up:
         assert await fetch(pool, up.url) == (200, b"reply")
         [idle] = pool.idle_connections(("http", "127.0.0.1", up.port))
         await within(idle.closed.wait())  # the client saw the close while the connection idled
@@ -612,7 +435,7 @@ async def test_server_closing_right_after_a_keep_alive_reply_costs_nothing(
         await peer.receive()
         await peer.send(ok(b"once"))  # says keep-alive, then closes anyway
 
-    async with FakeUpstream(one_per_connection) as up:
+    async with RawUpstream(one_per_connection) as up:
         for _ in range(3):
             assert await fetch(pool, up.url) == (200, b"once")
         assert len(up.requests) == 3
@@ -627,7 +450,7 @@ async def test_a_reused_connection_dying_after_reply_bytes_is_not_retried(
         await peer.receive()
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-")
 
-    async with FakeUpstream(half_a_head_the_second_time) as up:
+    async with RawUpstream(half_a_head_the_second_time) as up:
         assert await fetch(pool, up.url) == (200, b"first")
         with pytest.raises(Disconnected):
             await pool.request("POST", up.url, {}, b"charge me once", connect_timeout=CONNECT)
@@ -645,7 +468,7 @@ async def test_a_reused_connection_dying_mid_body_is_a_payload_error_not_a_retry
         await peer.receive()
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
 
-    async with FakeUpstream(cut_the_second_body) as up:
+    async with RawUpstream(cut_the_second_body) as up:
         assert await fetch(pool, up.url) == (200, b"first")
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
@@ -667,7 +490,7 @@ async def test_a_reused_connection_dying_mid_body_is_a_payload_error_not_a_retry
 async def test_responses_that_end_the_connection_are_not_pooled(
     pool: UpstreamPool, reply: bytes
 ) -> None:
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         assert await fetch(pool, up.url) == (200, b"bye")
         # The server keeps its side open: the client itself must let go.
         await up.wait_until(lambda u: u.closed_by_client == 1)
@@ -678,7 +501,7 @@ async def test_responses_that_end_the_connection_are_not_pooled(
 
 async def test_http_1_0_keep_alive_response_is_pooled(pool: UpstreamPool) -> None:
     reply = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi"
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         assert await fetch(pool, up.url) == (200, b"hi")
         assert await fetch(pool, up.url) == (200, b"hi")
         assert up.connections == 1
@@ -694,7 +517,7 @@ async def test_a_body_left_unread_closes_the_connection(
             for _ in range(read_first):
                 assert await resp.read_chunk() == b"one"
         assert await resp.read_chunk() == b""  # closed: no more body
-    async with FakeUpstream(serving(ok(b"0123456789"))) as up:
+    async with RawUpstream(serving(ok(b"0123456789"))) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             pass
@@ -735,7 +558,7 @@ async def test_cancellation_mid_body_closes_the_connection_by_itself(pool: Upstr
         await peer.until_client_closes()
         release_server.set()
 
-    async with FakeUpstream(slow_body) as up:
+    async with RawUpstream(slow_body) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         reading = asyncio.Event()
 
@@ -765,7 +588,7 @@ async def test_a_close_delimited_body_cut_by_a_reset_is_a_payload_error(
         await cut.wait()
         peer.reset()
 
-    async with FakeUpstream(reset_mid_body) as up:
+    async with RawUpstream(reset_mid_body) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             assert await resp.read_chunk() == b"part of it"
@@ -794,7 +617,7 @@ async def test_connection_ending_mid_body_is_a_payload_error(
         await peer.receive()
         await peer.send(reply)
 
-    async with FakeUpstream(cut) as up:
+    async with RawUpstream(cut) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             assert resp.status == 200
@@ -827,7 +650,7 @@ async def test_payload_error_via_read_chunk_after_good_pieces(pool: UpstreamPool
 )
 async def test_malformed_chunked_bodies_are_payload_errors(pool: UpstreamPool, body: bytes) -> None:
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    async with FakeUpstream(serving(head + body)) as up:
+    async with RawUpstream(serving(head + body)) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             with pytest.raises(PayloadError):
@@ -842,7 +665,7 @@ async def test_endless_trailers_are_a_payload_error(pool: UpstreamPool) -> None:
         + b"X-Trailer: "
         + b"t" * (MAX_HEADER_BYTES + 10)
     )
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             with pytest.raises(PayloadError):
@@ -860,7 +683,7 @@ async def test_chunk_sizes_that_are_not_plain_hex_are_payload_errors(
 ) -> None:
     """RFC 9112 section 7.1: chunk-size = 1*HEXDIG; int(x, 16) also takes signs, 0x and '_'."""
     reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         resp = await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         async with resp:
             with pytest.raises(PayloadError):
@@ -873,7 +696,7 @@ async def test_content_lengths_that_are_not_plain_digits_are_refused(
 ) -> None:
     """RFC 9110 section 8.6: Content-Length = 1*DIGIT."""
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nhi"
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         with pytest.raises(Disconnected, match="Content-Length"):
             await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
 
@@ -884,7 +707,7 @@ async def test_server_closing_before_replying_is_disconnected_without_retry(
     async def hang_up(peer: Peer) -> None:
         await peer.receive()
 
-    async with FakeUpstream(hang_up) as up:
+    async with RawUpstream(hang_up) as up:
         with pytest.raises(Disconnected, match="before replying"):
             await pool.request("POST", up.url, {}, b"x", connect_timeout=CONNECT)
         assert up.connections == 1  # a fresh connection is not retried
@@ -903,7 +726,7 @@ async def test_server_closing_before_replying_is_disconnected_without_retry(
     ids=["not-http", "bad-status", "no-status", "bad-length", "negative-length", "head-too-big"],
 )
 async def test_malformed_heads_are_disconnected(pool: UpstreamPool, reply: bytes) -> None:
-    async with FakeUpstream(serving(reply)) as up:
+    async with RawUpstream(serving(reply)) as up:
         with pytest.raises(Disconnected):
             await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
         await up.wait_until(lambda u: u.closed_by_client == 1)
@@ -981,7 +804,7 @@ async def test_idle_connections_older_than_keepalive_are_not_reused(
     clock = FakeMonotonic()
     pool = UpstreamPool(keepalive=10.0, clock=clock.monotonic)  # the pool's clock, not the loop's
     try:
-        async with FakeUpstream(serving(ok())) as up:
+        async with RawUpstream(serving(ok())) as up:
             await fetch(pool, up.url)
             clock.now += idle_for
             await fetch(pool, up.url)
@@ -1009,7 +832,7 @@ async def test_bytes_arriving_on_an_idle_connection_are_not_taken_for_the_next_r
         while await peer.receive() is not None:
             await peer.send(ok(b"second"))
 
-    async with FakeUpstream(handle) as up:
+    async with RawUpstream(handle) as up:
         assert await fetch(pool, up.url) == (200, b"first")
         [idle] = pool.idle_connections(("http", "127.0.0.1", up.port))
         first_read.set()
@@ -1031,7 +854,7 @@ async def test_closing_the_pool_closes_idle_connections_and_refuses_returning_on
                 await release.wait()
             await peer.send(ok())
 
-    async with FakeUpstream(second_reply_held) as up:
+    async with RawUpstream(second_reply_held) as up:
         await fetch(pool, up.url)
         assert idle_count(pool, up.port) == 1
         in_flight = asyncio.create_task(fetch(pool, up.url))  # takes the idle connection
@@ -1044,7 +867,7 @@ async def test_closing_the_pool_closes_idle_connections_and_refuses_returning_on
         assert idle_count(pool, up.port) == 0
 
     pool = UpstreamPool()
-    async with FakeUpstream(serving(ok())) as up:
+    async with RawUpstream(serving(ok())) as up:
         await fetch(pool, up.url)
         await pool.close()
         await up.wait_until(lambda u: u.closed_by_client == 1)
@@ -1084,7 +907,7 @@ async def test_https_get_with_a_trusted_self_signed_certificate(
     cert, key = self_signed
     pool = UpstreamPool(ssl_context=ssl.create_default_context(cafile=str(cert)))
     try:
-        async with FakeUpstream(serving(ok(b"secret")), tls=tls_server_context(cert, key)) as up:
+        async with RawUpstream(serving(ok(b"secret")), tls=tls_server_context(cert, key)) as up:
             assert up.url.startswith("https://")
             assert await fetch(pool, f"{up.url}/v1/models") == (200, b"secret")
             assert await fetch(pool, f"{up.url}/v1/models") == (200, b"secret")
@@ -1100,7 +923,7 @@ async def test_https_with_an_untrusted_certificate_is_connect_failed(
     cert, key = self_signed
     pool = UpstreamPool(ssl_context=ssl.create_default_context())  # system CAs only
     try:
-        async with FakeUpstream(serving(ok()), tls=tls_server_context(cert, key)) as up:
+        async with RawUpstream(serving(ok()), tls=tls_server_context(cert, key)) as up:
             with pytest.raises(ConnectFailed) as info:
                 await pool.request("GET", up.url, {}, None, connect_timeout=CONNECT)
             assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
