@@ -64,6 +64,20 @@ PROVIDER_TYPES: tuple[ProviderType, ...] = ("openai", "anthropic", "gemini")
 # its default; docs/rules.md is the reference written from it.
 SUPPORTED_VERSION = 1
 WINDOW_SECONDS_MAX = 3600.0
+# Sane maxima: a typo (an extra zero, seconds given as ms) is a check error, not a breaker that
+# stays open for a year or a timer that never fires. Each is far beyond any real setting
+# (docs/rules.md, "Upper bounds").
+DAY_SECONDS = 86_400.0  # timeouts, open periods, health-check interval
+HOUR_MS = 3_600_000.0  # latencies in ms
+# A retry backoff is waited inside one client request: a minute, like max_retry_wait.
+RETRY_BACKOFF_MS_MAX = 60_000.0
+COUNT_MAX = 1_000_000  # failure counts, calls in the window
+PROBES_MAX = 1_000  # half-open trial calls let through at once
+# The largest context windows are a few million tokens (Gemini 2M, Llama 4 Scout 10M).
+CONTEXT_WINDOW_MAX = 100_000_000
+# The dearest models cost well under 1 USD per 1k tokens; 1,000 USD is a slipped unit.
+USD_PER_1K_MAX = 1_000.0
+WEIGHT_MAX = 1_000.0  # balanced weights are relative: only their ratios matter
 # models.*.quality: a score per task type (keys: TASK_TYPES).
 QUALITY: Spec = Num(ge=0, le=10, doc="score per task type (chat, coding, analysis, creative)")
 
@@ -82,20 +96,28 @@ class Timeouts:
     """Per-phase upstream timeouts in seconds (docs/breaker.md, 'Retries and failover')."""
 
     connect: Annotated[
-        float, Num(gt=0, at_most="total", doc="seconds to open the connection (TCP and TLS)")
+        float,
+        Num(
+            gt=0,
+            le=DAY_SECONDS,
+            at_most="total",
+            doc="seconds to open the connection (TCP and TLS)",
+        ),
     ] = 5.0
     first_token: Annotated[
         float,
         Num(
             gt=0,
+            le=DAY_SECONDS,
             at_most="total",
             doc="seconds until the response headers (plain) or the first content event (stream)",
         ),
     ] = 30.0
     idle: Annotated[
-        float, Num(gt=0, at_most="total", doc="longest silence between two stream events")
+        float,
+        Num(gt=0, le=DAY_SECONDS, at_most="total", doc="longest silence between two stream events"),
     ] = 30.0
-    total: Annotated[float, Num(gt=0, doc="seconds for the whole attempt")] = 600.0
+    total: Annotated[float, Num(gt=0, le=DAY_SECONDS, doc="seconds for the whole attempt")] = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +126,12 @@ class BreakerOverrides:
 
     failure_threshold: Annotated[
         int | None,
-        Int(ge=0, default=5, doc="consecutive failures that open the breaker; 0 = rule off"),
+        Int(
+            ge=0,
+            le=COUNT_MAX,
+            default=5,
+            doc="consecutive failures that open the breaker; 0 = rule off",
+        ),
     ] = None
     failure_rate: Annotated[
         float | None,
@@ -112,7 +139,9 @@ class BreakerOverrides:
     ] = None
     min_throughput: Annotated[
         int | None,
-        Int(ge=1, default=10, doc="calls in the window before failure_rate is judged"),
+        Int(
+            ge=1, le=COUNT_MAX, default=10, doc="calls in the window before failure_rate is judged"
+        ),
     ] = None
     # The window is a ring of 1 s buckets allocated per breaker: at least one
     # bucket, and an hour at most (an extra zero must not allocate millions).
@@ -122,27 +151,38 @@ class BreakerOverrides:
     ] = None
     open_seconds: Annotated[
         float | None,
-        Num(gt=0, default=10.0, doc="first open period; doubles per re-open"),
+        Num(gt=0, le=DAY_SECONDS, default=10.0, doc="first open period; doubles per re-open"),
     ] = None
     max_open_seconds: Annotated[
         float | None,
         Num(
             gt=0,
+            le=DAY_SECONDS,
             default=60.0,
             at_least="open_seconds",
             doc="cap on every open period, the first one included",
         ),
     ] = None
     half_open_probes: Annotated[
-        int | None, Int(ge=1, default=3, doc="trial calls let through in half-open")
+        int | None, Int(ge=1, le=PROBES_MAX, default=3, doc="trial calls let through in half-open")
     ] = None
     slow_call_ms: Annotated[
         float | None,
-        Num(ge=0, default=0.0, doc="a first token slower than this counts as a failure; 0 = off"),
+        Num(
+            ge=0,
+            le=HOUR_MS,
+            default=0.0,
+            doc="a first token slower than this counts as a failure; 0 = off",
+        ),
     ] = None
     max_half_open_seconds: Annotated[
         float | None,
-        Num(gt=0, default=120.0, doc="a probe in flight longer than this reopens the breaker"),
+        Num(
+            gt=0,
+            le=DAY_SECONDS,
+            default=120.0,
+            doc="a probe in flight longer than this reopens the breaker",
+        ),
     ] = None
 
 
@@ -151,7 +191,11 @@ class HealthCheck:
     path: str | None = None  # None = the provider type's models endpoint
     interval: Annotated[
         float | None,
-        Num(ge=0, doc="seconds between active checks; 0 = off; unset = HEALTH_CHECK_INTERVAL"),
+        Num(
+            ge=0,
+            le=DAY_SECONDS,
+            doc="seconds between active checks; 0 = off; unset = HEALTH_CHECK_INTERVAL",
+        ),
     ] = None
 
 
@@ -174,12 +218,19 @@ class Deployment:
     model: str  # the client-facing model name this deployment serves
     provider: str  # key into RuleSet.providers
     upstream_model: str
-    input_cost_per_1k: Annotated[float, Num(ge=0, doc="USD per 1k prompt tokens")] = 0.0
-    output_cost_per_1k: Annotated[float, Num(ge=0, doc="USD per 1k completion tokens")] = 0.0
+    input_cost_per_1k: Annotated[
+        float, Num(ge=0, le=USD_PER_1K_MAX, doc="USD per 1k prompt tokens")
+    ] = 0.0
+    output_cost_per_1k: Annotated[
+        float, Num(ge=0, le=USD_PER_1K_MAX, doc="USD per 1k completion tokens")
+    ] = 0.0
     latency_ms: Annotated[
-        float | None, Num(gt=0, doc="latency prior in ms, used until latency is measured")
+        float | None,
+        Num(gt=0, le=HOUR_MS, doc="latency prior in ms, used until latency is measured"),
     ] = None
-    context_window: Annotated[int | None, Int(ge=1, doc="largest prompt in tokens")] = None
+    context_window: Annotated[
+        int | None, Int(ge=1, le=CONTEXT_WINDOW_MAX, doc="largest prompt in tokens")
+    ] = None
 
     @property
     def key(self) -> str:
@@ -201,8 +252,8 @@ class Model:
 class CostCap:
     """Max USD per 1k tokens, for input and for output."""
 
-    input: Annotated[float, Num(ge=0, doc="max USD per 1k prompt tokens")]
-    output: Annotated[float, Num(ge=0, doc="max USD per 1k completion tokens")]
+    input: Annotated[float, Num(ge=0, le=USD_PER_1K_MAX, doc="max USD per 1k prompt tokens")]
+    output: Annotated[float, Num(ge=0, le=USD_PER_1K_MAX, doc="max USD per 1k completion tokens")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +264,8 @@ class VirtualModel:
     candidates: tuple[str, ...] | None = None  # None = every model in the catalog
     max_cost_per_1k_tokens: CostCap | None = None
     max_latency_ms: Annotated[
-        float | None, Num(gt=0, doc="a deployment qualifies when its p95 latency is at most this")
+        float | None,
+        Num(gt=0, le=HOUR_MS, doc="a deployment qualifies when its p95 latency is at most this"),
     ] = None
     fallback_models: tuple[str, ...] = ()
     description: str = ""
@@ -262,10 +314,12 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Weights:
-    quality: Annotated[float, Num(ge=0, doc="weight of the task's quality score")] = 0.4
-    cost: Annotated[float, Num(ge=0, doc="weight of cheapness")] = 0.3
-    latency: Annotated[float, Num(ge=0, doc="weight of speed (p95 latency)")] = 0.2
-    reliability: Annotated[float, Num(ge=0, doc="weight of the success ratio")] = 0.1
+    quality: Annotated[
+        float, Num(ge=0, le=WEIGHT_MAX, doc="weight of the task's quality score")
+    ] = 0.4
+    cost: Annotated[float, Num(ge=0, le=WEIGHT_MAX, doc="weight of cheapness")] = 0.3
+    latency: Annotated[float, Num(ge=0, le=WEIGHT_MAX, doc="weight of speed (p95 latency)")] = 0.2
+    reliability: Annotated[float, Num(ge=0, le=WEIGHT_MAX, doc="weight of the success ratio")] = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +334,12 @@ class RetryPolicy:
     max_retry_wait: Annotated[
         float, Num(ge=0, le=60, doc="longest Retry-After (s) still retried on the same deployment")
     ] = 3.0
-    backoff_ms: Annotated[float, Num(ge=0, doc="smallest retry backoff (full jitter)")] = 100.0
+    backoff_ms: Annotated[
+        float, Num(ge=0, le=RETRY_BACKOFF_MS_MAX, doc="smallest retry backoff (full jitter)")
+    ] = 100.0
     max_backoff_ms: Annotated[
-        float, Num(ge=0, at_least="backoff_ms", doc="largest retry backoff")
+        float,
+        Num(ge=0, le=RETRY_BACKOFF_MS_MAX, at_least="backoff_ms", doc="largest retry backoff"),
     ] = 500.0
     budget_ratio: Annotated[
         float, Num(ge=0, le=1, doc="retries in flight as a share of active requests (min 3)")

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from proxy.config.model import HealthCheck
+from proxy.config.spec import Spec, declared
+
 DEFAULT_LISTEN = "127.0.0.1:3000"
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9464"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
@@ -18,6 +21,14 @@ DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_GRACE_PERIOD = 25.0
 DEFAULT_RULES = Path(__file__).parent.parent / "data" / "default.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The rules file is read whole and decoded into Python objects (about 20x its size in
+# memory) before it is checked. The 50,000-model benchmark file (bench/rules_load.py) is
+# 13.8 MB; 32 MiB leaves more than twice that for a real catalog while refusing a file
+# that would take minutes and gigabytes to load. Checked (by size) before reading.
+DEFAULT_RULES_MAX_BYTES = 32 * 1024 * 1024
+RULES_MAX_BYTES_ENV = "CB_RULES_MAX_BYTES"
+# HEALTH_CHECK_INTERVAL is the default of providers.*.health_check.interval: same range.
+HEALTH_CHECK_INTERVAL_SPEC: Spec = declared(HealthCheck)["interval"].spec
 # Upstream client bounds (docs/upstream.md, 'Limits'): each names its environment variable.
 # A response head: real LLM APIs send 1-4 KiB; 64 KiB is nginx's and Node's order of magnitude.
 DEFAULT_UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
@@ -61,6 +72,7 @@ class Settings:
     grace_period: float = DEFAULT_GRACE_PERIOD
     health_check_interval: float = 30.0
     reload_interval: float = 1.0
+    rules_max_bytes: int = DEFAULT_RULES_MAX_BYTES
     upstream_max_header_bytes: int = DEFAULT_UPSTREAM_MAX_HEADER_BYTES
     upstream_max_event_bytes: int = DEFAULT_UPSTREAM_MAX_EVENT_BYTES
     upstream_max_body_bytes: int = DEFAULT_UPSTREAM_MAX_BODY_BYTES
@@ -88,6 +100,27 @@ def _number(value: str, name: str, *, minimum: float = 0.0) -> float:
     if number < minimum:
         raise SettingsError(f"{name}: must be at least {minimum}, got {value!r}")
     return number
+
+
+def _declared_number(value: str, name: str, spec: Spec) -> float:
+    """An environment value held to the range of the rules key it stands for."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or spec.problem(number) is not None:
+        raise SettingsError(f"{name}: expected a number {spec.range_text()}, got {value!r}")
+    return number
+
+
+def rules_max_bytes(environ: Mapping[str, str]) -> int:
+    """CB_RULES_MAX_BYTES (an integer >= 1; unset or empty = DEFAULT_RULES_MAX_BYTES)."""
+    raw = environ.get(RULES_MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RULES_MAX_BYTES
+    if not raw.isdigit() or int(raw) < 1:
+        raise SettingsError(f"{RULES_MAX_BYTES_ENV}: expected a number of bytes >= 1, got {raw!r}")
+    return int(raw)
 
 
 def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -> Settings:
@@ -129,8 +162,11 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -
         admin_token=environ.get("CB_ADMIN_TOKEN") or None,
         max_body_bytes=max_body,
         grace_period=_number(grace_text, grace_name),
-        health_check_interval=_number(health_text, "HEALTH_CHECK_INTERVAL"),
+        health_check_interval=_declared_number(
+            health_text, "HEALTH_CHECK_INTERVAL", HEALTH_CHECK_INTERVAL_SPEC
+        ),
         reload_interval=_number(reload_text, "CB_RELOAD_INTERVAL", minimum=0.05),
+        rules_max_bytes=rules_max_bytes(environ),
         upstream_max_header_bytes=upstream_limit(
             "CB_UPSTREAM_MAX_HEADER_BYTES", DEFAULT_UPSTREAM_MAX_HEADER_BYTES, 1024
         ),

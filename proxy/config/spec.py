@@ -60,9 +60,9 @@ class Spec:
     def range_text(self) -> str:
         parts = []
         if self.lo is not None:
-            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+            parts.append(f"{'>' if self.lo_open else '>='} {number_text(self.lo)}")
         if self.le is not None:
-            parts.append(f"<= {self.le:g}")
+            parts.append(f"<= {number_text(self.le)}")
         return " and ".join(parts)
 
     def type_text(self) -> str:
@@ -165,6 +165,13 @@ def keys_of(cls: type, *, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.name not in exclude)
 
 
+def number_text(value: float) -> str:
+    """A bound as a reader writes it: ``3600000``, not ``3.6e+06``; ``0.5`` stays ``0.5``."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
+
+
 def kind_of(value: object) -> str:
     """How a YAML value is named in messages."""
     if value is None:
@@ -184,4 +191,14 @@ def kind_of(value: object) -> str:
     return type(value).__name__
 
 
-__all__ = ["Declared", "Int", "Kind", "Num", "Spec", "declared", "keys_of", "kind_of"]
+__all__ = [
+    "Declared",
+    "Int",
+    "Kind",
+    "Num",
+    "Spec",
+    "declared",
+    "keys_of",
+    "kind_of",
+    "number_text",
+]

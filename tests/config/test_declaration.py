@@ -25,6 +25,7 @@ from proxy.config.model import (
     VirtualModel,
     Weights,
 )
+from proxy.config.settings import SettingsError, load_settings
 from proxy.config.spec import Declared, declared
 from proxy.core.breaker import RULES_KEYS, CircuitBreakerConfig
 
@@ -50,7 +51,7 @@ NUMBERS = (
     | st.sampled_from([0, 0.5, 1, 3600, 3600.5, 10**30])
 )
 ENV_VALUES = {
-    "CB_TIMEOUT_SECONDS": st.sampled_from(["", "0.001", "1", "10", "90", "1e6"]),
+    "CB_TIMEOUT_SECONDS": st.sampled_from(["", "0.001", "1", "10", "90", "86400"]),
     "CB_FAILURE_THRESHOLD": st.sampled_from(["", "0", "1", "50"]),
     "CB_MIN_THROUGHPUT": st.sampled_from(["", "1", "100"]),
     "CIRCUIT_BREAKER_ENABLED": st.sampled_from(["", "true", "false"]),
@@ -126,6 +127,37 @@ def test_env_variables_are_held_to_the_declared_ranges() -> None:
     with pytest.raises(ValueError, match=r"^CB_TIMEOUT_SECONDS='inf': expected a number of sec"):
         CircuitBreakerConfig.from_env({"CB_TIMEOUT_SECONDS": "inf"})
     assert CircuitBreakerConfig.from_env({"CB_FAILURE_THRESHOLD": "0"}).failure_threshold == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("CB_TIMEOUT_SECONDS", "864000", "expected a number of seconds > 0 and <= 86400"),
+        ("CB_TIMEOUT_SECONDS", "1e30", "expected a number of seconds > 0 and <= 86400"),
+        ("CB_FAILURE_THRESHOLD", "50000000", "expected an integer >= 0 and <= 1000000"),
+        ("CB_MIN_THROUGHPUT", "10000000", "expected an integer >= 1 and <= 1000000"),
+    ],
+)
+def test_env_variables_are_held_to_the_declared_maxima(name: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}='{value}': {message}$"):
+        CircuitBreakerConfig.from_env({name: value})
+    config = CircuitBreakerConfig.from_env({"CB_TIMEOUT_SECONDS": "86400"})  # the maximum itself
+    assert (config.open_seconds, config.max_open_seconds) == (86400, 86400)
+
+
+def test_health_check_interval_is_held_to_the_range_of_its_rules_key() -> None:
+    assert load_settings({"HEALTH_CHECK_INTERVAL": "86400"}, {}).health_check_interval == 86400
+    with pytest.raises(SettingsError, match=r"^HEALTH_CHECK_INTERVAL: expected a number >= 0 and "):
+        load_settings({"HEALTH_CHECK_INTERVAL": "864000"}, {})
+    with pytest.raises(SettingsError, match=r"^HEALTH_CHECK_INTERVAL: .*got 'soon'$"):
+        load_settings({"HEALTH_CHECK_INTERVAL": "soon"}, {})
+
+
+def test_every_duration_count_price_and_weight_has_an_upper_bound() -> None:
+    for where, cls in SECTIONS:
+        for name, d in declared(cls).items():
+            assert d.spec.le is not None, f"{where}.{name} has no upper bound"
+            assert d.spec.problem(10**30) is not None, f"{where}.{name} accepts 10**30"
 
 
 def test_every_numeric_key_is_declared_with_a_meaning() -> None:

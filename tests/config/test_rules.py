@@ -432,7 +432,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "timeout zero",
         _set(P + "timeouts", {"connect": 0}),
-        "providers.openai.timeouts.connect: must be > 0, got 0",
+        "providers.openai.timeouts.connect: must be > 0 and <= 86400, got 0",
     ),
     (
         "timeout over total",
@@ -462,7 +462,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "failure_threshold negative",
         _set(P + "breaker", {"failure_threshold": -1}),
-        "providers.openai.breaker.failure_threshold: must be >= 0, got -1",
+        "providers.openai.breaker.failure_threshold: must be >= 0 and <= 1000000, got -1",
     ),
     (
         "window below one bucket",
@@ -475,9 +475,30 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
         "providers.openai.breaker.window_seconds: must be >= 1 and <= 3600, got 36000",
     ),
     (
+        "open_seconds of 10**30 (an open breaker for ever)",
+        _set(P + "breaker", {"open_seconds": 10**30}),
+        "providers.openai.breaker.open_seconds: must be > 0 and <= 86400, "
+        "got 1000000000000000000000000000000",
+    ),
+    (
+        "max_open_seconds with an extra zero too many",
+        _set(P + "breaker", {"max_open_seconds": 864000}),
+        "providers.openai.breaker.max_open_seconds: must be > 0 and <= 86400, got 864000",
+    ),
+    (
+        "timeout given in ms",
+        _set(P + "timeouts", {"total": 600_000}),
+        "providers.openai.timeouts.total: must be > 0 and <= 86400, got 600000",
+    ),
+    (
+        "failure_threshold huge",
+        _set(P + "breaker", {"failure_threshold": 10_000_000}),
+        "providers.openai.breaker.failure_threshold: must be >= 0 and <= 1000000, got 10000000",
+    ),
+    (
         "half_open_probes zero",
         _set(P + "breaker", {"half_open_probes": 0}),
-        "providers.openai.breaker.half_open_probes: must be >= 1, got 0",
+        "providers.openai.breaker.half_open_probes: must be >= 1 and <= 1000, got 0",
     ),
     (
         "max_open below open",
@@ -492,7 +513,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "health interval",
         _set(P + "health_check", {"interval": -1}),
-        "providers.openai.health_check.interval: must be >= 0, got -1",
+        "providers.openai.health_check.interval: must be >= 0 and <= 86400, got -1",
     ),
     # models
     (
@@ -503,7 +524,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "negative cost",
         _set(M + "input_cost_per_1k", -1),
-        "models.gpt-4o-mini.input_cost_per_1k: must be >= 0, got -1",
+        "models.gpt-4o-mini.input_cost_per_1k: must be >= 0 and <= 1000, got -1",
     ),
     (
         "cost string",
@@ -533,12 +554,17 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "context window zero",
         _set(M + "context_window", 0),
-        "models.gpt-4o-mini.context_window: must be >= 1, got 0",
+        "models.gpt-4o-mini.context_window: must be >= 1 and <= 100000000, got 0",
+    ),
+    (
+        "price per 1M tokens given as per 1k",
+        _set(M + "output_cost_per_1k", 15000),
+        "models.gpt-4o-mini.output_cost_per_1k: must be >= 0 and <= 1000, got 15000",
     ),
     (
         "latency zero",
         _set(M + "latency_ms", 0),
-        "models.gpt-4o-mini.latency_ms: must be > 0, got 0",
+        "models.gpt-4o-mini.latency_ms: must be > 0 and <= 3600000, got 0",
     ),
     (
         "description type",
@@ -667,7 +693,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "cost cap negative",
         _set(V + "max_cost_per_1k_tokens", -0.5),
-        "virtual_models.auto.max_cost_per_1k_tokens: must be >= 0, got -0.5",
+        "virtual_models.auto.max_cost_per_1k_tokens: must be >= 0 and <= 1000, got -0.5",
     ),
     (
         "cost cap string",
@@ -688,7 +714,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "max latency",
         _set(V + "max_latency_ms", 0),
-        "virtual_models.auto.max_latency_ms: must be > 0, got 0",
+        "virtual_models.auto.max_latency_ms: must be > 0 and <= 3600000, got 0",
     ),
     # routes
     ("routes mapping", _set("routes", {}), "routes: expected a list, got mapping"),
@@ -752,9 +778,14 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
         "defaults.weights: the weights must not all be 0",
     ),
     (
+        "weights huge",
+        _set(D + "weights", {"cost": 1e9}),
+        "defaults.weights.cost: must be >= 0 and <= 1000, got 1000000000.0",
+    ),
+    (
         "weights negative",
         _set(D + "weights", {"cost": -1}),
-        "defaults.weights.cost: must be >= 0, got -1",
+        "defaults.weights.cost: must be >= 0 and <= 1000, got -1",
     ),
     (
         "retry attempts zero",
@@ -770,6 +801,11 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
         "retry backoff order",
         _set(D + "retry", {"backoff_ms": 900}),
         "defaults.retry.max_backoff_ms: must be >= backoff_ms",
+    ),
+    (
+        "retry backoff of an hour",
+        _set(D + "retry", {"backoff_ms": 3_600_000, "max_backoff_ms": 3_600_000}),
+        "defaults.retry.backoff_ms: must be >= 0 and <= 60000, got 3600000",
     ),
     (
         "retry budget ratio",

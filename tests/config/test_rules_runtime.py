@@ -63,7 +63,7 @@ RUNTIME_SETTINGS = settings(
 ENV = st.fixed_dictionaries(
     {},
     optional={
-        "CB_TIMEOUT_SECONDS": st.sampled_from(["0.01", "10", "90", "100000"]),
+        "CB_TIMEOUT_SECONDS": st.sampled_from(["0.01", "10", "90", "86400"]),
         "CB_FAILURE_THRESHOLD": st.sampled_from(["0", "1", "20"]),
         "CB_MIN_THROUGHPUT": st.sampled_from(["1", "500"]),
         "CIRCUIT_BREAKER_ENABLED": st.sampled_from(["true", "false"]),
@@ -71,7 +71,7 @@ ENV = st.fixed_dictionaries(
 )
 # The running proxy inherits the worst case for the breaker's one cross-field rule:
 # a first open period above the default cap of max_open_seconds.
-LIVE_ENV = {"CB_TIMEOUT_SECONDS": "100000", "CB_FAILURE_THRESHOLD": "0"}
+LIVE_ENV = {"CB_TIMEOUT_SECONDS": "86400", "CB_FAILURE_THRESHOLD": "0"}
 WAIT_SECONDS = 30
 
 
@@ -116,7 +116,8 @@ class Slot:
     path: str
     mapping: Doc
     specs: dict[str, Spec]
-    partners: dict[str, str] = field(default_factory=dict)  # key -> its cross-field partner
+    # key -> its cross-field partners (timeouts.total has three: connect, first_token, idle)
+    partners: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def group(self) -> str:
@@ -124,14 +125,14 @@ class Slot:
         return self.path.rsplit(".", 1)[-1].split("[")[0] if "." in self.path else self.path
 
 
-def specs_of(cls: type) -> tuple[dict[str, Spec], dict[str, str]]:
+def specs_of(cls: type) -> tuple[dict[str, Spec], dict[str, set[str]]]:
     specs = {name: d.spec for name, d in declared(cls).items()}
-    partners: dict[str, str] = {}
+    partners: dict[str, set[str]] = {}
     for name, spec in specs.items():
         other = spec.at_least or spec.at_most
         if other is not None:
-            partners[name] = other
-            partners[other] = name
+            partners.setdefault(name, set()).add(other)
+            partners.setdefault(other, set()).add(name)
     return specs, partners
 
 
@@ -223,8 +224,7 @@ def near_valid_documents(draw: st.DrawFn) -> Drawn:
             if kind == "invalid" and value is not None:
                 must.append(path)
             may.add(path)
-            if key in slot.partners:
-                may.add(f"{slot.path}.{slot.partners[key]}")
+            may.update(f"{slot.path}.{other}" for other in slot.partners.get(key, ()))
             may.add(slot.path)  # e.g. 'the weights must not all be 0'
         elif kind == "unknown":
             known = sorted(slot.specs)
