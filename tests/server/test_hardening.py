@@ -9,8 +9,9 @@ through the retried attempt, redirects as failures, the request-wide deadline an
 the rounding of a relayed Retry-After. The stream findings are in ``test_hardening_streams.py``.
 
 Everything runs on 127.0.0.1 port 0 in the test's event loop: the proxy through
-``tests.harness``, upstreams from ``tests.fakes.upstream`` (or a bare asyncio
-server where the test must control the connection). Nothing sleeps to wait.
+``tests.harness``, upstreams from ``tests.fakes.upstream`` (or a per-connection
+script on the shared raw server, ``tests.fakes.raw``, where the test must control
+the connection). Nothing sleeps to wait.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from proxy.providers.base import Endpoint
 from proxy.server.metrics import Metrics
 from proxy.server.state import ProxyState, provider_keys
 from proxy.upstream.client import Disconnected, UpstreamPool, _request_head
+from tests.fakes.raw import Handler, Peer, RawUpstream, ok
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
 from tests.harness import ProxyHandle, running_proxy, write_rules
 
@@ -52,6 +54,7 @@ CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 THRESHOLD = 3  # consecutive failures that open the primary's breaker
 JSON_HEADERS = {"Content-Type": "application/json"}
 WAIT = 10.0  # bound on anything a test awaits that should come at once
+CHAT_PATH = "/v1/chat/completions"
 
 RULES = """
 version: 1
@@ -397,92 +400,56 @@ async def test_a_malformed_event_after_commit_ends_with_one_error_event(
 # -- 5. the keep-alive resend window ------------------------------------------------------------
 
 
-class KeepAliveUpstream:
+COMPLETION = ok(
+    b'{"id":"c","object":"chat.completion","choices":[]}', "Content-Type: application/json"
+)
+
+
+def keep_alive_then(second: str, drop: asyncio.Event | None = None) -> Handler:
     """Answers the first request with keep-alive; what it does with the second is ``second``.
 
     ``"race"``: on ``drop``, close the connection without reading the request in flight (the
     keep-alive race); ``"crash"``: read the whole request, then close without replying (it
-    died working on it). Later connections answer one request each. Every request read in
-    full is recorded, so a resend shows as a second copy.
+    died working on it). Later connections answer one request each. The server records every
+    request read in full, so a resend shows as a second copy.
     """
+    dropped = asyncio.Event() if drop is None else drop  # "race" without one: never dropped
 
-    def __init__(self, second: str) -> None:
-        self.second = second
-        self.bodies: list[bytes] = []
-        self.connections = 0
-        self.port = 0
-        self.drop = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+    async def handle(peer: Peer) -> None:
+        if await peer.receive() is None:
+            return
+        await peer.send(COMPLETION)
+        if peer.index == 0 and second == "crash":
+            await peer.receive()  # the POST arrives whole and is worked on, then ...
+        elif peer.index == 0:
+            await dropped.wait()  # ... or is never read: either way, closed unanswered
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+    return handle
 
-    async def __aenter__(self) -> KeepAliveUpstream:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(cast("asyncio.Task[None]", task))
-        self.connections += 1
-        first_connection = self.connections == 1
-        try:
-            await self._read(reader)
-            ok = b'{"id":"c","object":"chat.completion","choices":[]}'
-            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(ok)}"
-            writer.write(head.encode() + b"\r\n\r\n" + ok)
-            await writer.drain()
-            if first_connection and self.second == "crash":
-                await self._read(reader)  # the POST arrives whole and is worked on, then ...
-            elif first_connection:
-                await self.drop.wait()  # ... or is never read: either way, closed unanswered
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(cast("asyncio.Task[None]", task))
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        self.bodies.append(await reader.readexactly(length))
+def bodies(up: RawUpstream) -> list[bytes]:
+    return [request.body for request in up.requests]
 
 
 async def test_a_quick_close_of_an_idle_connection_resends_only_a_replayable_request() -> None:
     """Go's rule (proxy.upstream.client.may_resend): the race is resent with an Idempotency-Key."""
     pool = UpstreamPool()
     try:
-        async with KeepAliveUpstream("race") as up:
-            async with await pool.request("POST", up.url, {}, b"one", connect_timeout=2) as resp:
+        drop = asyncio.Event()
+        async with RawUpstream(keep_alive_then("race", drop)) as up:
+            url = f"{up.url}{CHAT_PATH}"
+            async with await pool.request("POST", url, {}, b"one", connect_timeout=2) as resp:
                 assert resp.status == 200
                 await resp.read()
             # Set, and in the same step send: the pooled connection still looks alive when
             # taken, and the server closes it unread. The request carries an Idempotency-Key,
             # so the pool sends it again, once, on a fresh connection.
-            up.drop.set()
+            drop.set()
             key = {"Idempotency-Key": "req-2"}
-            async with await pool.request("POST", up.url, key, b"two", connect_timeout=2) as resp:
+            async with await pool.request("POST", url, key, b"two", connect_timeout=2) as resp:
                 assert resp.status == 200
                 await resp.read()
-            assert up.bodies == [b"one", b"two"]
+            assert bodies(up) == [b"one", b"two"]
             assert up.connections == 2
     finally:
         await pool.close()
@@ -492,12 +459,14 @@ async def test_a_quick_close_of_an_idle_connection_is_not_resent_without_a_key()
     """The bytes of a plain POST may have reached the upstream: a failure, never a second copy."""
     pool = UpstreamPool()
     try:
-        async with KeepAliveUpstream("race") as up:
-            async with await pool.request("POST", up.url, {}, b"one", connect_timeout=2) as resp:
+        drop = asyncio.Event()
+        async with RawUpstream(keep_alive_then("race", drop)) as up:
+            url = f"{up.url}{CHAT_PATH}"
+            async with await pool.request("POST", url, {}, b"one", connect_timeout=2) as resp:
                 await resp.read()
-            up.drop.set()
+            drop.set()
             with pytest.raises(Disconnected):
-                await pool.request("POST", up.url, {}, b"two", connect_timeout=2)
+                await pool.request("POST", url, {}, b"two", connect_timeout=2)
             assert up.connections == 1
     finally:
         await pool.close()
@@ -506,25 +475,26 @@ async def test_a_quick_close_of_an_idle_connection_is_not_resent_without_a_key()
 async def test_an_upstream_that_read_the_post_and_died_later_never_gets_it_twice() -> None:
     pool = UpstreamPool()
     try:
-        async with KeepAliveUpstream("crash") as up:
-            async with await pool.request("POST", up.url, {}, b"one", connect_timeout=2) as resp:
+        async with RawUpstream(keep_alive_then("crash")) as up:
+            url = f"{up.url}{CHAT_PATH}"
+            async with await pool.request("POST", url, {}, b"one", connect_timeout=2) as resp:
                 await resp.read()
             with pytest.raises(Disconnected):
-                await pool.request("POST", up.url, {}, b"charge me once", connect_timeout=2)
-            assert up.bodies == [b"one", b"charge me once"]  # once, not resent
+                await pool.request("POST", url, {}, b"charge me once", connect_timeout=2)
+            assert bodies(up) == [b"one", b"charge me once"]  # once, not resent
             assert up.connections == 1
     finally:
         await pool.close()
 
 
 async def test_a_late_close_through_the_proxy_fails_over_without_a_resend(tmp_path: Path) -> None:
-    async with KeepAliveUpstream("crash") as up, rig(tmp_path, f"http://127.0.0.1:{up.port}") as r:
+    async with RawUpstream(keep_alive_then("crash")) as up, rig(tmp_path, up.url) as r:
         # The first request leaves a keep-alive connection to the primary in the pool.
         first = await r.sdk.chat.completions.with_raw_response.create(model="solo", messages=CHAT)
         assert first.headers["x-cb-provider"] == "primary"
         raw = await r.sdk.chat.completions.with_raw_response.create(model="pair", messages=CHAT)
         assert raw.headers["x-cb-provider"] == "backup"
-        assert len(up.bodies) == 2  # the crashed POST reached the primary once
+        assert len(up.requests) == 2  # the crashed POST reached the primary once
         assert up.connections == 1
         assert r.backup.stats()["requests"] == 1
 
