@@ -167,3 +167,57 @@ def test_the_byte_level_commit_hint_agrees_with_parsing(
     text = json.dumps(chunk) if spaced else orjson.dumps(chunk).decode()
     event = b"data: " + text.encode()
     assert bool(CONTENT_HINT.search(event)) == _has_content(chunk)
+
+
+BATCH_EVENTS = [
+    ROLE.rstrip(b"\n"),
+    HELLO.rstrip(b"\n"),
+    STOP.rstrip(b"\n"),
+    USAGE_CHUNK.rstrip(b"\n"),
+    chunk({"content": None}).rstrip(b"\n"),
+    chunk({"reasoning": "hm"}).rstrip(b"\n"),
+    b'data: {"choices": [{"delta": {"content": "x"}}]}',
+    b'data: {"error":{"message":"boom"}}',
+    b'data: {"choices":[{"delta":{"content":"data: [DONE] \\"error\\""}}]}',
+    b'data: {"a":"\\"content\\":\\"x"}',
+    b"data: [DONE]",
+    b": keep-alive",
+    b"event: x\ndata: {}",
+    b'data: {"choices":[{"delta":{"content":',
+    b'"z"}}]}',
+    b"",
+    b"\n",
+]
+
+
+def _batch_outcome(relay: OpenAIStreamRelay, batches: list[bytes], one_scan: bool) -> object:
+    out: list[object] = []
+    try:
+        for batch in batches:
+            if relay.has_content:
+                out.append(relay._after_commit(batch))
+            elif one_scan:
+                out.append(relay._before_commit(batch))
+            else:
+                out.append(relay._before_commit_events(batch))
+    except StreamError as exc:
+        out.append(("error", exc.info.body))
+    return out, relay.usage, relay.has_content, relay.finished, relay.saw_finish, relay.held
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from(BATCH_EVENTS), min_size=1, max_size=6), min_size=1, max_size=3
+    ),
+    st.booleans(),
+)
+def test_one_scan_before_commit_agrees_with_event_by_event(
+    batches: list[list[bytes]], strip: bool
+) -> None:
+    """The one-scan pre-commit path holds, commits and forwards exactly as parsing each
+    event does (blank-line runs, markers and hints spanning events included)."""
+    whole = [b"".join(event + b"\n\n" for event in batch) for batch in batches]
+    fast = _batch_outcome(OpenAIStreamRelay(strip_usage=strip), whole, one_scan=True)
+    slow = _batch_outcome(OpenAIStreamRelay(strip_usage=strip), whole, one_scan=False)
+    assert fast == slow
