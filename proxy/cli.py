@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from proxy.config.check import load_rules
 from proxy.config.model import STRATEGIES, TASK_TYPES, RulesError, format_problems
-from proxy.config.settings import SettingsError, load_settings
+from proxy.config.settings import SettingsError, load_settings, rules_max_bytes
 from proxy.core.breaker import CircuitBreakerConfig
 from proxy.core.candidates import StaticView
 from proxy.core.prefs import RequestPrefs, parse_prefs
@@ -87,7 +87,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     try:
-        rules = load_rules(settings.rules_path)
+        rules = load_rules(settings.rules_path, max_bytes=settings.rules_max_bytes)
     except RulesError as err:
         print(format_problems(err), file=sys.stderr)
         return 1
@@ -100,7 +100,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        rules = load_rules(args.file)
+        max_bytes = rules_max_bytes(os.environ)
+    except SettingsError as exc:
+        print(f"cb-proxy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rules = load_rules(args.file, max_bytes=max_bytes)
     except RulesError as err:
         print(format_problems(err))
         return 1

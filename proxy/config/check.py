@@ -25,6 +25,7 @@ come from the declaration (``declared``, ``keys_of``), never from literals.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -753,15 +754,38 @@ def _decode(text: str) -> object:
     return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
 
 
-def load_rules(path: str | Path) -> RuleSet:
-    """Read, parse and validate a rules file; raise RulesError on any problem."""
-    source = str(path)
+def _read_bounded(path: Path, max_bytes: int | None, source: str) -> bytes:
+    """The file's bytes; over ``max_bytes`` a RulesError before anything is read.
+
+    The size is taken from the open file (not a separate stat of the path, which a
+    ConfigMap swap could change in between), and the read itself stops one byte past the
+    limit, so a file that grows while it is read is refused too.
+    """
     try:
-        raw = Path(path).read_bytes()
+        with path.open("rb") as f:
+            if max_bytes is None:
+                return f.read()
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(max_bytes + 1) if size <= max_bytes else b""
     except OSError as exc:
         raise RulesError(
             [f"{ROOT_PATH}: cannot read the file: {exc.strerror or exc}"], source
         ) from exc
+    if size > max_bytes or len(raw) > max_bytes:
+        has = f"{size} bytes" if size > max_bytes else f"more than {max_bytes} bytes"
+        limit = f"the limit of {max_bytes} (CB_RULES_MAX_BYTES)"
+        raise RulesError([f"{ROOT_PATH}: the file has {has}, over {limit}"], source)
+    return raw
+
+
+def load_rules(path: str | Path, *, max_bytes: int | None = None) -> RuleSet:
+    """Read, parse and validate a rules file; raise RulesError on any problem.
+
+    ``max_bytes``: a larger file is refused before it is read (None = no limit; the
+    CLI and the server pass ``CB_RULES_MAX_BYTES``, proxy/config/settings.py).
+    """
+    source = str(path)
+    raw = _read_bounded(Path(path), max_bytes, source)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -9,15 +9,17 @@ shared resources in its ``cleanup_ctx``: the one upstream client
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
+from typing import TypeVar
 
 from aiohttp import web
 
-from proxy.config.check import load_rules
 from proxy.config.model import RulesError, RuleSet, file_fingerprint
 from proxy.core.errors import (
     MethodNotAllowed,
@@ -44,6 +46,8 @@ ENDPOINT_NAMES = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KnownPaths = tuple[frozenset[str], tuple["re.Pattern[str]", ...]]
 KNOWN_PATHS: web.AppKey[KnownPaths] = web.AppKey("known_paths")
+_Arg = TypeVar("_Arg")
+_Result = TypeVar("_Result")
 
 
 def render_error(err: ProxyError, rid: str) -> web.Response:
@@ -168,33 +172,93 @@ def runtime_problems(state: ProxyState, rules: RuleSet) -> list[str]:
     return problems
 
 
+def _checked_rules(state: ProxyState) -> RuleSet:
+    """Read, check and vet the rules file (blocking: seconds for a large file).
+
+    Touches nothing of the live state but the immutable breaker defaults, so it may run
+    in a worker thread while the loop serves requests.
+    """
+    path = state.settings.rules_path
+    rules = state.rules_loader(path, state.settings.rules_max_bytes)
+    problems = runtime_problems(state, rules)
+    if problems:
+        raise RulesError(problems, str(path))
+    return rules
+
+
+def _reload_failed(state: ProxyState, exc: BaseException) -> bool:
+    path = state.settings.rules_path
+    if isinstance(exc, RulesError):
+        return _reject(state, "rules file %s rejected, keeping the rules in force:\n%s", path, exc)
+    if isinstance(exc, OSError):
+        return _reject(state, "rules file %s unreadable, keeping the rules in force: %s", path, exc)
+    LOG.error("rules reload from %s failed, keeping the rules in force", path, exc_info=exc)
+    state.metrics.rules_reloads.labels("error").inc()
+    return False
+
+
+def _apply_rules(state: ProxyState, rules: RuleSet) -> bool:
+    """Swap checked rules in (on the loop: the swap is quick and must not race requests)."""
+    try:
+        state.swap_rules(rules)
+    except Exception as exc:
+        return _reload_failed(state, exc)
+    state.metrics.rules_reloads.labels("ok").inc()
+    state.metrics.rules_info.set(time.time())
+    LOG.info("rules reloaded from %s", state.settings.rules_path)
+    return True
+
+
 def reload_rules(state: ProxyState) -> bool:
-    """Load the rules file again; keep the rules in force on any problem.
+    """Load the rules file again, blocking the caller; keep the rules in force on any problem.
 
     Returns whether the new rules are in force. A rejection is logged with every
     problem and counted as ``cb_proxy_rules_reloads_total{result="error"}``;
     nothing here raises (an unexpected error is logged with its traceback and
-    counted the same way), so the watcher survives any file.
+    counted the same way), so the watcher survives any file. The watcher uses
+    ``reload_rules_off_loop``, which does the same with the loading in a thread.
     """
-    path = state.settings.rules_path
     try:
-        rules = load_rules(path)
-        problems = runtime_problems(state, rules)
-        if problems:
-            raise RulesError(problems, str(path))
-        state.swap_rules(rules)
-    except RulesError as err:
-        return _reject(state, "rules file %s rejected, keeping the rules in force:\n%s", path, err)
-    except OSError as exc:
-        return _reject(state, "rules file %s unreadable, keeping the rules in force: %s", path, exc)
-    except Exception:
-        LOG.exception("rules reload from %s failed, keeping the rules in force", path)
-        state.metrics.rules_reloads.labels("error").inc()
-        return False
-    state.metrics.rules_reloads.labels("ok").inc()
-    state.metrics.rules_info.set(time.time())
-    LOG.info("rules reloaded from %s", path)
-    return True
+        rules = _checked_rules(state)
+    except Exception as exc:
+        return _reload_failed(state, exc)
+    return _apply_rules(state, rules)
+
+
+async def reload_rules_off_loop(state: ProxyState) -> bool:
+    """``reload_rules`` with the reading, decoding and checking in a worker thread.
+
+    A 10 MB file takes seconds to decode and check; on the loop that would stall every
+    request and health probe for as long. Only the swap runs on the loop.
+    """
+    try:
+        rules = await in_daemon_thread(_checked_rules, state, name="rules-loader")
+    except Exception as exc:
+        return _reload_failed(state, exc)
+    return _apply_rules(state, rules)
+
+
+async def in_daemon_thread(fn: Callable[[_Arg], _Result], arg: _Arg, *, name: str) -> _Result:
+    """``fn(arg)`` on a new daemon thread, awaited without blocking the loop.
+
+    Not ``asyncio.to_thread``: its executor's threads are joined when the loop closes
+    and again at interpreter exit, so a stop during a long load would wait for the load,
+    eating into the shutdown grace period. A daemon thread is abandoned instead. One
+    load at a time (the watcher awaits each), so a thread per reload costs nothing.
+    """
+    result: concurrent.futures.Future[_Result] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not result.set_running_or_notify_cancel():
+            return
+        try:
+            result.set_result(fn(arg))
+        except BaseException as exc:  # handed to the awaiting task, raised there
+            result.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    # wrap_future hands the outcome to this loop, and drops it if the loop closed meanwhile.
+    return await asyncio.wrap_future(result)
 
 
 async def watch_rules(state: ProxyState, interval: float) -> None:
@@ -214,7 +278,7 @@ async def watch_rules(state: ProxyState, interval: float) -> None:
             if current is None or current == seen:
                 continue
             seen = current
-            ok = reload_rules(state)
+            ok = await reload_rules_off_loop(state)
         except Exception:
             LOG.exception("rules reload from %s failed, keeping the rules in force", path)
             with suppress(Exception):

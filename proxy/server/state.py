@@ -11,12 +11,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from proxy.config.check import load_rules
 from proxy.config.model import Deployment, Provider, RuleSet
 from proxy.config.settings import Settings
 from proxy.core.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
@@ -28,6 +30,12 @@ from proxy.upstream.client import UpstreamPool
 from proxy.upstream.deadline import Watchdog
 
 LOG = logging.getLogger("cb_proxy")
+# Reads and checks a rules file (path, CB_RULES_MAX_BYTES); a reload runs it off the loop.
+RulesLoader = Callable[[Path, int | None], RuleSet]
+
+
+def load_rules_file(path: Path, max_bytes: int | None) -> RuleSet:
+    return load_rules(path, max_bytes=max_bytes)
 
 
 @dataclass(slots=True)
@@ -85,6 +93,9 @@ class ProxyState:
     # Each rules reload attempt (True = swapped in), and a condition to wait on them.
     reload_results: list[bool] = field(default_factory=list)
     reloads: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # How a reload reads the file, in a worker thread (proxy.server.app.reload_rules_off_loop);
+    # an injection point for tests that hold a reload in progress.
+    rules_loader: RulesLoader = field(default_factory=lambda: load_rules_file)
     started_at: float = field(default_factory=time.time)
     _children: dict[tuple[str, str, int, str], tuple[Any, Any]] = field(default_factory=dict)
     _attempt_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = field(
