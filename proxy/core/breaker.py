@@ -31,7 +31,22 @@ Invariants, true between any two calls:
    ``success_ratio()`` is in [0, 1] or -1 with no calls; ``latency_p95_ms()``
    is positive or -1 with no samples.
 9. ``permit`` and ``record`` are O(1) amortised: no sorting, no scans longer
-   than ``half_open_probes``.
+   than ``half_open_probes``. The stall rule keeps its attempts in a FIFO in
+   grant order; each permit enters it once and leaves it once.
+10. Stalls (docs/breaker.md, 'Stalled attempts count as they age'): with a
+    stall threshold (``CircuitBreakerConfig.stall_seconds`` > 0), every
+    counted permit granted in ``closed`` is tracked until it is reported.
+    ``stalled`` = tracked permits of the current generation older than the
+    threshold and not yet reported; ``stalled_streak`` = those of them that
+    became stale after the last success. The trip rules read
+    ``consecutive + stalled_streak`` against ``failure_threshold`` and
+    ``(failures + stalled) / (calls + stalled)`` against ``failure_rate``.
+    A stale attempt leaves both counts when it is reported, whatever the
+    outcome, and its real outcome is then counted as usual: a provisional
+    failure is replaced, never added to. A transition or a reset forgets every
+    tracked attempt (their results are late, invariant 4). A trip caused by
+    stale attempts is not undone when they later succeed: the open period runs
+    out and probes decide, as after any trip. ``0 <= stalled_streak <= stalled``.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import enum
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ParamSpec, TypeVar
@@ -57,6 +73,13 @@ MAX_RETRY_AFTER_OPEN_SECONDS = 300.0
 # Retry hint when half-open has no free probe slot: probes usually answer fast.
 HALF_OPEN_RETRY_HINT_SECONDS = 1.0
 MAX_BACKOFF_EXPONENT = 32  # 2^32 * open_seconds is beyond any cap; avoids float overflow
+# Without slow_call_ms, an attempt still waiting for its first token after this fraction of
+# its first-token timeout counts as a provisional failure (docs/breaker.md, 'Stalled attempts
+# count as they age'). Half: a stalled upstream opens in half the time the timeouts would
+# take, while a healthy one is never judged on an attempt that has used less than half of
+# the time it is allowed; the trip still needs failure_threshold of them with no success
+# in between.
+STALL_FRACTION = 0.5
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
@@ -134,6 +157,10 @@ class CircuitBreakerConfig:
     max_half_open_seconds: float = _D["max_half_open_seconds"].as_float()  # hung probe: reopen
     jitter: float = 0.1  # open durations vary by +- this fraction
     enabled: bool = True  # False = monitor-only: never blocks, shadow state exported
+    # The upstream's first-token timeout (the proxy sets it from the provider's timeouts);
+    # 0 = unknown. With slow_call_ms unset, stalls are judged at stall_fraction of it.
+    first_token_seconds: float = 0.0
+    stall_fraction: float = STALL_FRACTION  # 0 = stall rule only through slow_call_ms
 
     def __post_init__(self) -> None:
         problems = [
@@ -149,12 +176,27 @@ class CircuitBreakerConfig:
             problems.append("slow_call_rate must be in (0, 1]")
         if not 0 <= self.jitter < 1:
             problems.append("jitter must be in [0, 1)")
+        if not (math.isfinite(self.first_token_seconds) and self.first_token_seconds >= 0):
+            problems.append("first_token_seconds must be >= 0")
+        if not 0 <= self.stall_fraction <= 1:
+            problems.append("stall_fraction must be in [0, 1]")
         if problems:
             raise ValueError("invalid breaker config: " + "; ".join(problems))
 
     @property
     def slow_rate(self) -> float:
         return self.failure_rate if self.slow_call_rate is None else self.slow_call_rate
+
+    @property
+    def stall_seconds(self) -> float:
+        """Age at which an attempt in flight counts as a provisional failure; 0 = rule off.
+
+        ``slow_call_ms`` when set (an attempt past it will be slow whatever it returns),
+        otherwise ``stall_fraction`` of the first-token timeout.
+        """
+        if self.slow_call_ms > 0:
+            return self.slow_call_ms / 1000.0
+        return self.stall_fraction * self.first_token_seconds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CircuitBreakerConfig:
@@ -247,14 +289,17 @@ class CircuitOpenError(ServiceUnavailable):
 class Permit:
     """One granted call; report it exactly once with ``record`` or ``release``."""
 
-    __slots__ = ("counted", "done", "generation", "probe", "started_at")
+    __slots__ = ("counted", "done", "epoch", "generation", "probe", "stale", "started_at")
 
     def __init__(self, generation: int, probe: bool, counted: bool, started_at: float) -> None:
         self.generation = generation
         self.probe = probe  # holds a half-open probe slot
         self.counted = counted  # False: monitor-only would-block or disabled; no weight
-        self.started_at = started_at  # clock at grant time (probes only; 0.0 otherwise)
+        # Clock at grant time for probes and for calls the stall rule tracks; 0.0 otherwise.
+        self.started_at = started_at
         self.done = False
+        self.stale = False  # counted in ``stalled`` (invariant 10)
+        self.epoch = -1  # the success count when it went stale: in ``stalled_streak`` if current
 
 
 class CircuitBreaker:
@@ -287,15 +332,31 @@ class CircuitBreaker:
         self._rejected = 0
         self._reports = dict.fromkeys(Outcome, 0)
         self._released = 0
+        # The stall rule (invariant 10): closed-state calls not yet stale, in grant order
+        # (reported ones are dropped lazily); stale calls in flight; those since the last
+        # success; and the count of successes that delimits that streak.
+        self._stall = self._config.stall_seconds
+        self._young: deque[Permit] = deque()
+        self._stalled = 0
+        self._stalled_streak = 0
+        self._successes = 0
 
     # -- the request path ------------------------------------------------------------
 
     def permit(self) -> Permit | None:
         """A permit for one upstream call, or None when the breaker rejects it."""
-        if self._state is State.CLOSED:  # the common case needs no clock read
-            return Permit(self._generation, False, True, 0.0)
-        now = self._clock()
-        self._advance(now)
+        if self._state is State.CLOSED:
+            if not self._stall:  # the common case without the stall rule needs no clock read
+                return Permit(self._generation, False, True, 0.0)
+            now = self._clock()
+            self._judge_stalls(now)
+            if self._state is State.CLOSED:
+                permit = Permit(self._generation, False, True, now)
+                self._young.append(permit)
+                return permit
+        else:
+            now = self._clock()
+            self._advance(now)
         state = self._state  # _advance never closes, so not CLOSED here
         if state is State.DISABLED:
             return Permit(self._generation, False, False, 0.0)
@@ -330,6 +391,8 @@ class CircuitBreaker:
         if not permit.counted:
             return
         now = self._clock()
+        if permit.stale and permit.generation == self._generation:
+            self._unstall(permit)  # its provisional failure gives way to the real outcome
         self._advance(now)
         failed = outcome is Outcome.FAILURE
         if permit.generation != self._generation:
@@ -348,7 +411,12 @@ class CircuitBreaker:
         if permit.probe:
             self._judge_probe(now, failed, slow, retry_after)
             return
-        self._consecutive = self._consecutive + 1 if failed else 0
+        if failed:
+            self._consecutive += 1
+        else:
+            self._consecutive = 0
+            self._successes += 1  # calls stale until now are excused from the streak
+            self._stalled_streak = 0
         if self._should_trip():
             self._fire(Event.TRIP, now, retry_after if failed else None)
 
@@ -358,8 +426,12 @@ class CircuitBreaker:
             return
         permit.done = True
         self._released += 1
-        if permit.probe and permit.generation == self._generation:
+        if permit.generation != self._generation:
+            return
+        if permit.probe:
             self._probes.remove(permit)
+        elif permit.stale:
+            self._unstall(permit)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` under the breaker: an exception is a failure, cancellation no outcome."""
@@ -382,7 +454,12 @@ class CircuitBreaker:
 
     @property
     def state(self) -> State:
-        if self._state is State.OPEN or self._state is State.HALF_OPEN:
+        state = self._state
+        if (
+            state is State.OPEN
+            or state is State.HALF_OPEN
+            or (state is State.CLOSED and self._young)
+        ):
             self._advance(self._clock())
         return self._state
 
@@ -401,6 +478,8 @@ class CircuitBreaker:
 
     def can_permit(self) -> bool:
         """Would ``permit`` grant a call now? Takes no slot."""
+        if self._state is State.CLOSED and self._young:
+            self._judge_stalls(self._clock())
         if self._state is State.CLOSED or self._state is State.DISABLED:
             return True  # the common case: no clock read, nothing to advance
         now = self._clock()
@@ -444,6 +523,9 @@ class CircuitBreaker:
             "failures": window.failures,
             "slow_calls": window.slow,
             "consecutive_failures": self._consecutive,
+            "stalled": self._stalled,
+            "stalled_streak": self._stalled_streak,
+            "stall_tracked": len(self._young),  # calls not yet stale (reported ones drop lazily)
             "error_rate": self._error_rate(),
             "success_ratio": self._success_ratio(),
             "latency_p95_ms": window.p95(),
@@ -478,6 +560,7 @@ class CircuitBreaker:
         if self._state is State.CLOSED:
             self._enter_closed()
             self._generation += 1
+            self._forget_in_flight()
         else:
             self._fire(Event.RESET, self._clock())
 
@@ -505,11 +588,18 @@ class CircuitBreaker:
         if math.ceil(config.window_seconds) != math.ceil(self._config.window_seconds):
             self._window = Window(config.window_seconds)
         self._config = config
+        # Calls already stale stay counted until they end; with the rule off, none are added.
+        self._stall = config.stall_seconds
+        if not self._stall:
+            self._young.clear()
 
     # -- internals ----------------------------------------------------------------------
 
     def _advance(self, now: float) -> None:
-        if self._state is State.OPEN:
+        if self._state is State.CLOSED:
+            if self._young:
+                self._judge_stalls(now)
+        elif self._state is State.OPEN:
             if now >= self._open_until:
                 self._fire(Event.OPEN_ELAPSED, now)
         elif (
@@ -523,16 +613,59 @@ class CircuitBreaker:
         used = len(self._probes) + self._probe_ok + self._probe_failed
         return self._config.half_open_probes - used
 
+    def _judge_stalls(self, now: float) -> None:
+        """Closed: calls in flight past the stall threshold become provisional failures.
+
+        Pops from the front of the grant-ordered FIFO only (reported calls on the way
+        are dropped), so the cost is amortised O(1) per permit. Trips when a newly
+        stale call makes a rule fire.
+        """
+        young = self._young
+        horizon = now - self._stall
+        newly = 0
+        while young:
+            head = young[0]
+            if not head.done and head.started_at > horizon:
+                break
+            young.popleft()
+            if not head.done:
+                head.stale = True
+                head.epoch = self._successes
+                newly += 1
+        if newly:
+            self._stalled += newly
+            self._stalled_streak += newly
+            self._window.roll(now)
+            if self._should_trip():
+                self._fire(Event.TRIP, now)
+
+    def _unstall(self, permit: Permit) -> None:
+        """A stale call of this generation was reported: it leaves the provisional counts."""
+        self._stalled -= 1
+        if permit.epoch == self._successes:
+            self._stalled_streak -= 1
+
+    def _forget_in_flight(self) -> None:
+        """A new generation: calls in flight carry no weight any more (invariants 4, 10)."""
+        self._young.clear()
+        self._stalled = self._stalled_streak = 0
+
     def _should_trip(self) -> bool:
         config = self._config
-        if config.failure_threshold and self._consecutive >= config.failure_threshold:
+        threshold = config.failure_threshold
+        if threshold and self._consecutive + self._stalled_streak >= threshold:
             return True
         window = self._window
-        if window.calls < config.min_throughput:
+        calls = window.calls + self._stalled
+        if calls < config.min_throughput:
             return False
-        if window.failures / window.calls >= config.failure_rate:
+        if (window.failures + self._stalled) / calls >= config.failure_rate:
             return True
-        return config.slow_call_ms > 0 and window.slow / window.calls >= config.slow_rate
+        return (
+            config.slow_call_ms > 0
+            and window.calls >= config.min_throughput
+            and window.slow / window.calls >= config.slow_rate
+        )
 
     def _judge_probe(self, now: float, failed: bool, slow: bool, retry_after: float | None) -> None:
         if failed:
@@ -589,6 +722,7 @@ class CircuitBreaker:
             self._consecutive = 0
         self._state = target
         self._generation += 1
+        self._forget_in_flight()
         if self.on_transition is not None:
             self.on_transition(self.name, source, target)
 
@@ -614,19 +748,25 @@ def _capped(retry_after: float) -> float:
 
 
 class BreakerRegistry:
-    """The breakers by upstream name, created on first use with their configured settings."""
+    """The breakers by upstream name, created on first use with their configured settings.
+
+    ``first_token_seconds`` gives each upstream's first-token timeout, from which its
+    stall threshold is derived (``CircuitBreakerConfig.stall_seconds``).
+    """
 
     def __init__(
         self,
         config: CircuitBreakerConfig | None = None,
         overrides: Mapping[str, BreakerOverrides] | None = None,
         *,
+        first_token_seconds: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_transition: TransitionCallback | None = None,
     ) -> None:
         self._default = config if config is not None else CircuitBreakerConfig()
         self._overrides = dict(overrides or {})
+        self._first_token = dict(first_token_seconds or {})
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self.on_transition = on_transition  # may be bound after the breakers exist
@@ -634,7 +774,17 @@ class BreakerRegistry:
 
     def config_for(self, name: str) -> CircuitBreakerConfig:
         override = self._overrides.get(name)
-        return self._default if override is None else self._default.with_overrides(override)
+        config = self._default if override is None else self._default.with_overrides(override)
+        first_token = self._first_token.get(name)
+        if first_token is not None:
+            config = replace(config, first_token_seconds=first_token)
+        return config
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Every breaker, existing and future, reads ``clock`` (tests and simulations)."""
+        self._clock = clock
+        for breaker in self._breakers.values():
+            breaker._clock = clock
 
     def get(self, name: str) -> CircuitBreaker:
         breaker = self._breakers.get(name)
@@ -657,11 +807,16 @@ class BreakerRegistry:
             breaker.reset()
 
     def configure(
-        self, config: CircuitBreakerConfig, overrides: Mapping[str, BreakerOverrides]
+        self,
+        config: CircuitBreakerConfig,
+        overrides: Mapping[str, BreakerOverrides],
+        first_token_seconds: Mapping[str, float] | None = None,
     ) -> None:
         """New defaults and per-name overrides (rules reload), applied to existing breakers too."""
         self._default = config
         self._overrides = dict(overrides)
+        if first_token_seconds is not None:
+            self._first_token = dict(first_token_seconds)
         for name, breaker in self._breakers.items():
             breaker.reconfigure(self.config_for(name))
 

@@ -73,6 +73,11 @@ def provider_keys(rules: RuleSet, environ: Mapping[str, str]) -> dict[str, str |
     return keys
 
 
+def first_token_timeouts(rules: RuleSet) -> dict[str, float]:
+    """Each provider's first-token timeout: its breaker judges stalls from it (docs/breaker.md)."""
+    return {name: p.timeouts.first_token for name, p in rules.providers.items()}
+
+
 @dataclass(eq=False)
 class ProxyState:
     settings: Settings
@@ -109,6 +114,7 @@ class ProxyState:
         self.breakers = BreakerRegistry(
             self.breaker_defaults,
             {name: p.breaker for name, p in self.rules.providers.items()},
+            first_token_seconds=first_token_timeouts(self.rules),
             on_transition=self._on_transition,
         )
         self._create_breakers()
@@ -131,7 +137,9 @@ class ProxyState:
     def swap_rules(self, rules: RuleSet) -> None:
         keys = provider_keys(rules, self.settings.environ)
         self.breakers.configure(
-            self.breaker_defaults, {name: p.breaker for name, p in rules.providers.items()}
+            self.breaker_defaults,
+            {name: p.breaker for name, p in rules.providers.items()},
+            first_token_timeouts(rules),
         )
         self.rules = rules
         self.keys = keys

@@ -144,6 +144,22 @@ class BreakerMachine(RuleBasedStateMachine):
         assert live_probes == probes["in_flight"]
         if state is not State.HALF_OPEN:
             assert probes["in_flight"] == probes["succeeded"] == probes["failed"] == 0
+        # Invariant 10: exactly the current generation's closed-state calls past the stall
+        # threshold are stale, and the streak is a part of them.
+        assert 0 <= metrics["stalled_streak"] <= metrics["stalled"]
+        if state is State.CLOSED:
+            threshold = CONFIG.stall_seconds
+            stale = sum(
+                1
+                for p in self.outstanding
+                if p.generation == metrics["generation"]
+                and p.counted
+                and not p.probe
+                and p.started_at <= self.clock.now - threshold  # as the breaker computes it
+            )
+            assert metrics["stalled"] == stale
+        else:
+            assert metrics["stalled"] == 0
         blocking = state is State.FORCED_OPEN or (
             self.breaker.mode is Mode.ENFORCE and state is State.OPEN
         )
