@@ -21,6 +21,7 @@ from proxy.core.candidates import Candidate
 from proxy.core.errors import ProxyError, UpstreamHTTPError
 from proxy.core.outcome import Outcome
 from proxy.core.router import RoutePlan
+from proxy.core.secrets import Redactor
 from proxy.core.usage import estimate_tokens
 from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, Usage
 from proxy.server.state import ProxyState
@@ -169,8 +170,19 @@ def metadata(ex: Exchange, attempt: Attempt, cost: float) -> JSONDict:
     }
 
 
-def relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in upstream.items() if k.lower().startswith(RELAYED_PREFIXES)}
+def relayed_headers(upstream: Mapping[str, str], redactor: Redactor) -> dict[str, str]:
+    """The upstream headers clients read, with any provider key in them redacted."""
+    relayed = {k: v for k, v in upstream.items() if k.lower().startswith(RELAYED_PREFIXES)}
+    return redactor.redact_headers(relayed) if relayed and redactor else relayed
+
+
+def redact_error(err: ProxyError, redactor: Redactor) -> ProxyError:
+    """``err`` with any provider key in its message and body redacted (in place)."""
+    if redactor:
+        err.message = redactor.redact_text(err.message)
+        if isinstance(err, UpstreamHTTPError):
+            err.body = redactor.redact_json(err.body)
+    return err
 
 
 def retry_headers(seconds: float) -> dict[str, str]:

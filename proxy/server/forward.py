@@ -61,6 +61,7 @@ from proxy.server.exchange import (
     base_headers,
     client_error,
     metadata,
+    redact_error,
     relayed_headers,
     reply_chars,
     retry_headers,
@@ -284,6 +285,8 @@ async def _attempt(
     try:
         return await _send(ex, attempt, pool, req, adapter, request_deadline)
     except AttemptFailed as failed:
+        # Error text can quote the upstream (a stream error event, a bad header): no key in it.
+        redact_error(failed.error, state.redactor)
         if failed.local:
             attempt.finish_local(ex)  # the proxy's own failure: the upstream is not to blame
             raise
@@ -336,9 +339,8 @@ async def _send(
                             ),
                             Outcome.FAILURE,
                         )
-                    key = ex.state.keys.get(cand.provider.name)
-                    if key:  # upstreams echo bad credentials back: never relay our key
-                        raw = raw.replace(key.encode(), b"[redacted]")
+                    # Upstreams echo bad credentials back, whole or masked: never relay a key.
+                    raw = ex.state.redactor.redact_bytes(raw)
                     info = adapter.classify_error(resp.status, resp.headers, raw)
                     if resp.status in (401, 403) and info.outcome is Outcome.FAILURE:
                         # The proxy's own key was refused: a configuration fault of the proxy,
@@ -452,7 +454,7 @@ def _plain_response(
     usage = parse_usage(obj)
     cost = account(ex, cand, usage, 0 if usage is not None else reply_chars(obj))
     headers = base_headers(ex, attempt)
-    headers.update(relayed_headers(upstream_headers))
+    headers.update(relayed_headers(upstream_headers, ex.state.redactor))
     headers["x-cb-cost-usd"] = f"{cost:.8f}"
     if ex.usage_estimated:
         headers["x-cb-usage-estimated"] = "true"
@@ -461,6 +463,9 @@ def _plain_response(
         body = orjson.dumps(obj)
     else:
         body = raw if providers.translator(cand.provider.type) is None else orjson.dumps(obj)
+    # A success body echoing a key is rare: one find per key, the full scan only on a hit
+    # (docs/architecture.md, "Secrets"; bench/secrets.py: ~2 us for 1 KiB, the full scan 60).
+    body = ex.state.redactor.redact_success(body)
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 

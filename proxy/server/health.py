@@ -282,7 +282,8 @@ class HealthChecker:
                 return Verdict.IGNORED, f"local failure: {exc}", None
             if isinstance(exc, TimeoutError):
                 return Verdict.FAIL, f"no answer within {self._timeout:g} s", None
-            return Verdict.FAIL, f"{type(exc).__name__}: {exc}", None
+            # The message can quote the upstream's bytes: no key in the admin API's detail.
+            return Verdict.FAIL, state.redactor.redact_text(f"{type(exc).__name__}: {exc}"), None
         except Exception:
             # A bug here must not trip breakers of healthy upstreams.
             LOG.exception("health check of %s: unexpected error", provider.name)

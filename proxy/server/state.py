@@ -23,8 +23,10 @@ from proxy.config.model import Deployment, Provider, RuleSet
 from proxy.config.settings import Settings
 from proxy.core.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
 from proxy.core.ratelimit import RateLimitGate
+from proxy.core.secrets import NO_SECRETS, Redactor
 from proxy.core.usage import UsageTotals
 from proxy.providers.base import Usage
+from proxy.server.logs import guard_secrets
 from proxy.server.metrics import Metrics
 from proxy.upstream.client import UpstreamPool
 from proxy.upstream.deadline import Watchdog
@@ -84,6 +86,8 @@ class ProxyState:
     rules: RuleSet
     metrics: Metrics
     keys: dict[str, str | None] = field(default_factory=dict)
+    # Finds the keys in what upstreams send back (proxy.core.secrets); rebuilt with the keys.
+    redactor: Redactor = NO_SECRETS
     upstream: UpstreamPool | None = None  # the one upstream client (docs/upstream.md)
     usage: UsageTotals = field(default_factory=UsageTotals)
     api_listening: bool = False
@@ -110,6 +114,8 @@ class ProxyState:
 
     def __post_init__(self) -> None:
         self.keys = provider_keys(self.rules, self.settings.environ)
+        self.redactor = Redactor(self.keys.values())
+        guard_secrets(self)  # the proxy's log lines go through self.redactor too
         self.breaker_defaults = CircuitBreakerConfig.from_env(self.settings.environ)
         self.breakers = BreakerRegistry(
             self.breaker_defaults,
@@ -143,6 +149,7 @@ class ProxyState:
         )
         self.rules = rules
         self.keys = keys
+        self.redactor = Redactor(keys.values())
         self._create_breakers()
 
     def has_key(self, provider: Provider) -> bool:

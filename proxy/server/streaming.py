@@ -183,7 +183,7 @@ async def stream(
     # Commit: the client gets a 200 and there is no failover from here on.
     deadline.reschedule(None)
     headers = base_headers(ex, attempt)
-    headers.update(relayed_headers(resp.headers))
+    headers.update(relayed_headers(resp.headers, ex.state.redactor))
     out = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     try:
         try:
@@ -212,8 +212,11 @@ async def relay_rest(
     loop = asyncio.get_running_loop()
     cand = attempt.cand
     idle = cand.provider.timeouts.idle
+    # Only whole events reach here, so a key an upstream echoes inside one is in one write
+    # (docs/architecture.md, "Secrets": a find per key; the full scan only on a hit).
+    redact = ex.state.redactor.redact_success
     if pending:
-        await write(out, pending)
+        await write(out, redact(pending))
     failed: JSONDict | None = None
     try:
         # One timer for the rest of the stream, pushed forward at every chunk (idle gap).
@@ -224,14 +227,14 @@ async def relay_rest(
                     tail = relay.finish()
                     if tail:
                         gap.reschedule(total_deadline)  # the client's pace, not the upstream's
-                        await write(out, tail)
+                        await write(out, redact(tail))
                     break
                 data = relay.feed(chunk)
                 if data:
                     # A client slow to take the data is not an upstream stall: only the total
                     # deadline runs while writing (the upstream is paused by backpressure).
                     gap.reschedule(total_deadline)
-                    await write(out, data)
+                    await write(out, redact(data))
                 gap.reschedule(min(loop.time() + idle, total_deadline))
     except StreamError as exc:
         failed = exc.info.body
@@ -244,8 +247,8 @@ async def relay_rest(
         )
         failed = failure(exc, cand.deployment.key, doing=doing).error.to_dict()
     if failed is not None:
-        # Never a silent truncated 200: one in-band error event, then the end.
-        await write(out, error_frame(failed))
+        # Never a silent truncated 200: one in-band error event (no key in it), then the end.
+        await write(out, error_frame(ex.state.redactor.redact_json(failed)))
     try:
         await out.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
