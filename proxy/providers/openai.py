@@ -335,11 +335,11 @@ class OpenAIStreamRelay:
             return self._before_commit_events(complete[start:], complete[:start])
         # A plain content event: the commit point.
         self.has_content = True
-        held, self._held = self._held, []
-        held.append(complete[:end] if end < size else complete)
+        out = [*self._held, complete[:end] if end < size else complete]
         if end < size:
-            held.append(self._after_commit(complete[end:]))
-        return b"".join(held)
+            out.append(self._after_commit(complete[end:]))
+        self._held = []
+        return b"".join(out)
 
     def _before_commit_events(self, complete: bytes, plain: bytes = b"") -> bytes:
         """Event by event; ``plain``: whole events before these, with nothing to look at."""
