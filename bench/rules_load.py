@@ -68,7 +68,7 @@ def rules_document(models: int = MODELS) -> dict[str, Any]:
         if i % 5 == 0:
             body["deployments"] = [
                 {"provider": names[i % 3], "latency_ms": 100 + i % 500},
-                {"provider": names[(i + 1) % 3], "upstream_model": f"vendor/model-{i}"},
+                {"provider": names[(i + 1) % 3], "upstream_model": f"vendor-model-{i}"},
             ]
         else:
             body["provider"] = names[i % 3]

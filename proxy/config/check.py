@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.config.model import (
+    MODEL_IN_PATH_TYPES,
+    MODEL_PATH_PREFIX,
     PROVIDER_TYPES,
     QUALITY,
     STRATEGIES,
@@ -68,6 +70,12 @@ ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # RFC 9110 section 5.6.2: a field name is a token.
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 HEADER_VALUE_FORBIDDEN = frozenset("\r\n\x00")
+# An upstream model name is an identifier: never a control character (C0, DEL, C1).
+CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Where the name is a URL path segment (MODEL_IN_PATH_TYPES), also nothing that would end
+# or split the segment (RFC 3986 section 3.3: '/', '?', '#'), nor ':' (the method follows
+# it: 'models/{model}:generateContent'), nor whitespace, nor a dot segment ('..').
+PATH_MODEL_FORBIDDEN = (("/", "'/'"), ("?", "'?'"), ("#", "'#'"), (":", "':'"), ("..", "'..'"))
 # Path segments are shown bare unless that would be ambiguous to a reader.
 PLAIN_PATH_KEY_RE = re.compile(r"[^\s\"'\[\]]+\Z")
 
@@ -120,9 +128,14 @@ class _Checker:
 
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self._seen: set[str] = set()
 
     def add(self, path: str, message: str) -> None:
-        self.problems.append(f"{path or ROOT_PATH}: {message}")
+        # Once: a model-level value is checked for each of its deployments.
+        problem = f"{path or ROOT_PATH}: {message}"
+        if problem not in self._seen:
+            self._seen.add(problem)
+            self.problems.append(problem)
 
     def mapping(self, path: str, value: object, allowed: tuple[str, ...] | None) -> _Map | None:
         """A mapping with string keys; ``allowed`` None = free keys (names)."""
@@ -400,6 +413,8 @@ class _Names:
     models: set[str] = field(default_factory=set)
     virtual: set[str] = field(default_factory=set)
     index: dict[str, str] = field(default_factory=dict)  # model name or alias -> canonical
+    # provider name -> type, for the providers whose body parsed (upstream model checks)
+    provider_types: dict[str, ProviderType] = field(default_factory=dict)
 
     def check_model(self, ck: _Checker, path: str, name: str, *, allow_virtual: bool) -> bool:
         if name in self.index or (allow_virtual and name in self.virtual):
@@ -418,6 +433,43 @@ class _Names:
             for i, name in enumerate(names)
         ]
         return names if all(ok) else ()
+
+
+def upstream_model_problem(model: str, provider_type: ProviderType) -> str | None:
+    """None when ``model`` can be sent to a ``provider_type`` upstream, else why not."""
+    if CONTROL_CHAR_RE.search(model):
+        return "must not contain control characters"
+    if provider_type not in MODEL_IN_PATH_TYPES:
+        return None
+    name = model.removeprefix(MODEL_PATH_PREFIX)
+    found = [shown for text, shown in PATH_MODEL_FORBIDDEN if text in name]
+    if any(c.isspace() for c in name):
+        found.append("whitespace")
+    if not name or name == ".":
+        found.append("no name" if not name else "only '.'")
+    if not found:
+        return None
+    return (
+        f"{model!r} goes in the URL path of a {provider_type} upstream, so it must not "
+        f"contain {', '.join(found)}"
+    )
+
+
+def _check_upstream_model(
+    ck: _Checker, path: str, deployment: Deployment, names: _Names, given: bool
+) -> bool:
+    """``given``: upstream_model is written at ``path``; else the model's name stands for it."""
+    provider_type = names.provider_types.get(deployment.provider)
+    if provider_type is None:  # the provider's own problems are reported
+        return True
+    problem = upstream_model_problem(deployment.upstream_model, provider_type)
+    if problem is None:
+        return True
+    if given:
+        ck.add(path, problem)
+    else:
+        ck.add(path, f"the model's name is its upstream model (no upstream_model given): {problem}")
+    return False
 
 
 def _deployment_fields(m: _Map) -> dict[str, Any]:
@@ -446,11 +498,16 @@ def _parse_deployments(
     if m.given("provider") and m.given("deployments"):
         ck.add(m.path, "give either 'provider' (one deployment) or 'deployments', not both")
         return ()
+    model_given = "upstream_model" in inherited
     if m.given("provider"):
         provider = m.string("provider")
         if provider is None or not _check_provider(ck, m.at("provider"), provider, names):
             return ()
-        return (Deployment(model=name, provider=provider, **base),)
+        deployment = Deployment(model=name, provider=provider, **base)
+        where = m.at("upstream_model") if model_given else m.path
+        if not _check_upstream_model(ck, where, deployment, names, model_given):
+            return ()
+        return (deployment,)
     if not m.given("deployments"):
         ck.add(m.path, "a model needs 'provider' or 'deployments'")
         return ()
@@ -473,7 +530,13 @@ def _parse_deployments(
             ck.add(d.at("provider"), f"model {name!r} already has a deployment on {provider!r}")
             continue
         seen.add(provider)
-        deployments.append(Deployment(model=name, provider=provider, **{**base, **own}))
+        deployment = Deployment(model=name, provider=provider, **{**base, **own})
+        if "upstream_model" in own:
+            where, given = d.at("upstream_model"), True
+        else:
+            where, given = (m.at("upstream_model"), True) if model_given else (d.path, False)
+        if _check_upstream_model(ck, where, deployment, names, given):
+            deployments.append(deployment)
     return tuple(deployments)
 
 
@@ -688,6 +751,7 @@ def parse_rules(data: object, source: str = "<rules>") -> RuleSet:
         _register_aliases(ck, path, body, name, names)
 
     providers = {n: _parse_provider(ck, n, p, b) for n, p, b in provider_entries}
+    names.provider_types.update((n, p.type) for n, p in providers.items() if p is not None)
     models = {n: _parse_model(ck, n, p, b, names) for n, p, b in model_entries}
     virtual = {n: _parse_virtual_model(ck, n, p, b, names) for n, p, b in virtual_entries}
     routes = [

@@ -59,6 +59,13 @@ STRATEGIES: tuple[Strategy, ...] = (
 TASK_TYPES: tuple[TaskType, ...] = ("chat", "coding", "analysis", "creative")
 PROVIDER_TYPES: tuple[ProviderType, ...] = ("openai", "anthropic", "gemini")
 
+# Provider types whose wire format puts the upstream model in the URL path (Gemini:
+# /v1beta/models/{model}:generateContent); the others send it in the JSON body, where any
+# name goes (OpenAI-compatible names such as 'meta-llama/Llama-3-70b' hold a '/').
+MODEL_IN_PATH_TYPES: tuple[ProviderType, ...] = ("gemini",)
+# Gemini's resource prefix: 'models/gemini-1.5-pro' is accepted and sent as 'gemini-1.5-pro'.
+MODEL_PATH_PREFIX = "models/"
+
 # The one declaration of the rules' keys, types, ranges and defaults is this
 # module: every numeric field carries its ``Spec`` (proxy/config/spec.py) and
 # its default; docs/rules.md is the reference written from it.
@@ -408,6 +415,8 @@ def format_problems(err: RulesError) -> str:
 
 
 __all__ = [
+    "MODEL_IN_PATH_TYPES",
+    "MODEL_PATH_PREFIX",
     "PROVIDER_TYPES",
     "QUALITY",
     "STRATEGIES",

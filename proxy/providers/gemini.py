@@ -50,10 +50,11 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
-from proxy.config.model import Deployment, Provider
+from proxy.config.model import MODEL_PATH_PREFIX, Deployment, Provider
 from proxy.core.errors import InvalidRequest, UnsupportedParameter, error_body
 from proxy.core.outcome import Outcome
 from proxy.core.ratelimit import parse_retry_after
@@ -320,6 +321,16 @@ def translate_embeddings(body: JSONDict, upstream_model: str) -> tuple[str, JSON
 
 
 # --- responses --------------------------------------------------------------
+
+
+def path_segment(model: str) -> str:
+    """The model as one URL path segment (RFC 3986 section 3.3), percent-encoded as UTF-8.
+
+    ``cb-proxy check`` already refuses what would split or end the segment ('/', '?',
+    '#', ':', '..', whitespace, control characters: proxy.config.check); what is left
+    outside the unreserved set (a non-ASCII letter, '%', '@' ...) is encoded here.
+    """
+    return quote(model, safe="")
 
 
 def finish_reason(reason: str, has_calls: bool) -> str:
@@ -594,8 +605,8 @@ class GeminiAdapter:
         api_key: str | None,
         stream: bool,
     ) -> UpstreamRequest:
-        model = deployment.upstream_model.removeprefix("models/")
-        base = f"{provider.base_url}{API_PREFIX}/{model}"
+        model = deployment.upstream_model.removeprefix(MODEL_PATH_PREFIX)
+        base = f"{provider.base_url}{API_PREFIX}/{path_segment(model)}"
         if endpoint is Endpoint.CHAT:
             payload = translate_request(body)
             url = f"{base}:streamGenerateContent?alt=sse" if stream else f"{base}:generateContent"

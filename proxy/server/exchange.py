@@ -140,18 +140,32 @@ def client_error(info: ErrorInfo) -> ProxyError:
     return UpstreamHTTPError(info.status, info.body, headers=headers)
 
 
+def header_value(text: str) -> str:
+    """A response header value made from rules or request data: printable ASCII only.
+
+    CR or LF would end the header early (response splitting; aiohttp refuses the whole
+    response instead), and non-ASCII goes out as raw UTF-8, which clients read as Latin-1
+    or reject (RFC 9110 section 5.5: field values are ASCII in practice). Any other
+    character becomes '?', as in ``x-cb-route`` (proxy.core.router).
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
 def base_headers(ex: Exchange, attempt: Attempt) -> dict[str, str]:
+    """The ``x-cb-*`` headers of a proxied reply: the one place they are built."""
     cand = attempt.cand
     dep = cand.deployment
     return {
         "x-request-id": ex.request_id,
-        "x-cb-provider": cand.provider.name,
-        "x-cb-model": dep.upstream_model,
-        "x-cb-upstream": dep.key,
+        "x-cb-provider": header_value(cand.provider.name),
+        "x-cb-model": header_value(dep.upstream_model),
+        "x-cb-upstream": header_value(dep.key),
         "x-cb-attempts": str(ex.attempts),
         "x-cb-fallback": "true" if attempt.index > 0 else "false",
         "x-cb-breaker-state": attempt.breaker.state.value,
-        "x-cb-route": ex.route_header(),
+        "x-cb-route": header_value(ex.route_header()),
     }
 
 

@@ -204,9 +204,11 @@ async def test_the_loop_stays_responsive_while_a_large_file_reloads(tmp_path: Pa
         def held_loader(path: Path, max_bytes: int | None) -> RuleSet:
             loop.call_soon_threadsafe(loading.set)
             started = time.perf_counter()
-            rules = real(path, max_bytes)  # the real read, decode and check
-            load_seconds.append(time.perf_counter() - started)
-            loop.call_soon_threadsafe(loaded.set)
+            try:
+                rules = real(path, max_bytes)  # the real read, decode and check
+            finally:
+                load_seconds.append(time.perf_counter() - started)
+                loop.call_soon_threadsafe(loaded.set)
             release.wait(HOLD_SECONDS)  # held in progress until the test has looked
             return rules
 

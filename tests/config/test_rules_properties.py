@@ -70,7 +70,9 @@ def optional_fields(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Doc]:
 
 def deployment_fields() -> dict[str, st.SearchStrategy[Any]]:
     return {
-        "upstream_model": SUFFIX.map(lambda s: "up/" + s),
+        # Names every provider type takes: a Gemini name is one URL path segment (no '/'),
+        # after an optional 'models/' (tests/config/test_upstream_model_names.py).
+        "upstream_model": st.builds(str.__add__, st.sampled_from(["up-", "models/up-"]), SUFFIX),
         "input_cost_per_1k": PRICE,
         "output_cost_per_1k": PRICE,
         "latency_ms": SMALL_POSITIVE,
