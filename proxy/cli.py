@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace-period", help="seconds to drain on SIGTERM (env CB_GRACE_PERIOD, 25)"
     )
+    serve.add_argument(
+        "--shutdown-delay",
+        help="seconds still accepting after SIGTERM, part of the grace period "
+        "(env CB_SHUTDOWN_DELAY, 3)",
+    )
 
     check = sub.add_parser("check", help="validate a rules file; exit 1 on any problem")
     check.add_argument("file")
@@ -77,6 +82,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 "log_format": args.log_format,
                 "max_body_bytes": args.max_body_bytes,
                 "grace_period": args.grace_period,
+                "shutdown_delay": args.shutdown_delay,
             },
         )
         # The breaker defaults come from the environment too (CB_TIMEOUT_SECONDS, ...): a bad

@@ -59,6 +59,7 @@ async def running_proxy(
             environ=dict(environ or {}),
             health_check_interval=0,
             grace_period=5,
+            shutdown_delay=0,  # tests stop the proxy often; test_lifecycle covers the delay
         ),
         **overrides,
     )

@@ -21,6 +21,19 @@ DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_GRACE_PERIOD = 25.0
 DEFAULT_RULES = Path(__file__).parent.parent / "data" / "default.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Shutdown and client connections (docs/architecture.md, 'Shutdown' and 'Client connections').
+# After SIGTERM the API keeps accepting for this long while /readyz answers 503, so whatever
+# routes to the proxy (Service endpoints, a load balancer polling /readyz every few seconds)
+# stops sending before the listener closes. Part of the grace period, never added to it.
+DEFAULT_SHUTDOWN_DELAY = 3.0
+# From a request's first byte to the end of its headers: any real client sends them at once.
+DEFAULT_CLIENT_HEADER_TIMEOUT = 10.0
+# The longest gap between two pieces of a request body (nginx's client_body_timeout is 60 s).
+DEFAULT_CLIENT_BODY_TIMEOUT = 30.0
+# An idle keep-alive connection: longer than clients keep theirs (httpx 5 s, undici 4 s, Go's
+# net/http 90 s), so the client closes first and never reuses one the proxy is just closing.
+DEFAULT_CLIENT_KEEPALIVE_TIMEOUT = 120.0
+MIN_CLIENT_TIMEOUT = 0.01
 # The rules file is read whole, decoded and checked. The 50,000-model benchmark file
 # (bench/rules_load.py) is 13.8 MB and takes about 10 s and 600 MiB of peak memory to load
 # (measured with libyaml; both grow linearly). 32 MiB is more than twice that catalog, so no
@@ -79,6 +92,10 @@ class Settings:
     upstream_max_event_bytes: int = DEFAULT_UPSTREAM_MAX_EVENT_BYTES
     upstream_max_body_bytes: int = DEFAULT_UPSTREAM_MAX_BODY_BYTES
     upstream_max_connections_per_host: int = DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST
+    shutdown_delay: float = DEFAULT_SHUTDOWN_DELAY  # bounded by grace_period
+    client_header_timeout: float = DEFAULT_CLIENT_HEADER_TIMEOUT
+    client_body_timeout: float = DEFAULT_CLIENT_BODY_TIMEOUT
+    client_keepalive_timeout: float = DEFAULT_CLIENT_KEEPALIVE_TIMEOUT
     # The process environment, kept for provider keys and breaker defaults (read once at start).
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)  # holds provider keys
 
@@ -181,5 +198,28 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -
         upstream_max_connections_per_host=upstream_limit(
             "CB_UPSTREAM_MAX_CONNECTIONS_PER_HOST", DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST, 1
         ),
+        **_connection_settings(environ, flags.get("shutdown_delay")),
         environ=dict(environ),
     )
+
+
+def _connection_settings(environ: Mapping[str, str], delay_flag: str | None) -> dict[str, float]:
+    """The shutdown delay (flag or CB_SHUTDOWN_DELAY) and the client connection timeouts."""
+    if delay_flag is not None:
+        delay = _number(delay_flag, "--shutdown-delay")
+    else:
+        delay = _number(
+            environ.get("CB_SHUTDOWN_DELAY", str(DEFAULT_SHUTDOWN_DELAY)), "CB_SHUTDOWN_DELAY"
+        )
+
+    def seconds(env: str, default: float) -> float:
+        return _number(environ.get(env, str(default)), env, minimum=MIN_CLIENT_TIMEOUT)
+
+    return {
+        "shutdown_delay": delay,
+        "client_header_timeout": seconds("CB_CLIENT_HEADER_TIMEOUT", DEFAULT_CLIENT_HEADER_TIMEOUT),
+        "client_body_timeout": seconds("CB_CLIENT_BODY_TIMEOUT", DEFAULT_CLIENT_BODY_TIMEOUT),
+        "client_keepalive_timeout": seconds(
+            "CB_CLIENT_KEEPALIVE_TIMEOUT", DEFAULT_CLIENT_KEEPALIVE_TIMEOUT
+        ),
+    }

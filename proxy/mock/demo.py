@@ -198,6 +198,7 @@ async def _main(port: int, exit_after_tour: bool, color: bool) -> int:
         metrics_listen=HostPort("127.0.0.1", _free_port(9464)),
         health_check_interval=0,
         grace_period=2,
+        shutdown_delay=0,  # nothing routes to the demo by readiness
     )
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[tuple[ProxyState, str, str]] = loop.create_future()
