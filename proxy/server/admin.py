@@ -227,9 +227,10 @@ def add_routes(
     *,
     api_port: bool,
     wrap: Callable[[Handler, str | None], Handler] = lambda handler, _endpoint: handler,
+    expect: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None,
 ) -> None:
     def add(method: str, path: str, handler: Handler) -> None:
-        app.router.add_route(method, path, wrap(handler, None))
+        app.router.add_route(method, path, wrap(handler, None), expect_handler=expect)
 
     add("GET", "/healthz", healthz)
     add("GET", "/readyz", readyz)

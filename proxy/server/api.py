@@ -36,6 +36,8 @@ _OPENERS = (b"[", b"{")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Wrap = Callable[[Handler, str | None], Handler]
+# aiohttp's `Expect:` hook of a route (server/connections.py); None keeps aiohttp's default.
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
 ROUTE_LOG = logging.getLogger("cb_proxy.route")
@@ -275,7 +277,9 @@ async def list_models(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(models_payload(state)), content_type="application/json")
 
 
-def add_routes(app: web.Application, wrap: Wrap = _bare) -> None:
+def add_routes(
+    app: web.Application, wrap: Wrap = _bare, expect: ExpectHandler | None = None
+) -> None:
     routes = (
         ("/v1/chat/completions", "POST", chat_completions, "chat"),
         ("/v1/completions", "POST", completions, "completions"),
@@ -283,6 +287,8 @@ def add_routes(app: web.Application, wrap: Wrap = _bare) -> None:
         ("/v1/models", "GET", list_models, None),
     )
     for path, method, handler, endpoint in routes:
-        app.router.add_route(method, path, wrap(handler, endpoint))
+        app.router.add_route(method, path, wrap(handler, endpoint), expect_handler=expect)
         # Some clients are configured without the /v1 prefix.
-        app.router.add_route(method, path.removeprefix("/v1"), wrap(handler, endpoint))
+        app.router.add_route(
+            method, path.removeprefix("/v1"), wrap(handler, endpoint), expect_handler=expect
+        )

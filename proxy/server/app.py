@@ -30,6 +30,8 @@ from proxy.core.errors import (
 )
 from proxy.server import admin, api, health
 from proxy.server.api import STATE, request_id
+from proxy.server.connections import expect_handler
+from proxy.server.drain import DRAIN, Drain, shutting_down
 from proxy.server.state import REQUEST_INFO, ProxyState, RequestInfo
 from proxy.upstream.client import UpstreamPool
 
@@ -46,6 +48,7 @@ ENDPOINT_NAMES = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KnownPaths = tuple[frozenset[str], tuple["re.Pattern[str]", ...]]
 KNOWN_PATHS: web.AppKey[KnownPaths] = web.AppKey("known_paths")
+ADMIN_MAX_BODY_BYTES = 1024 * 1024  # the admin API takes no bodies; a bound all the same
 _Arg = TypeVar("_Arg")
 _Result = TypeVar("_Result")
 
@@ -76,6 +79,8 @@ async def guarded(
 ) -> web.StreamResponse:
     """Every error as OpenAI JSON with x-request-id; request accounting; one place."""
     state = request.app[STATE]
+    drain = request.app[DRAIN]
+    task = drain.enter()
     rid = request_id(request)
     info = RequestInfo(rid)
     request[REQUEST_INFO] = info
@@ -101,7 +106,13 @@ async def guarded(
         LOG.exception("request %s: unexpected error", rid)
         status = 500
         return render_error(ProxyError("internal error in the proxy"), rid)
+    except asyncio.CancelledError:
+        if not drain.claim():
+            raise  # the client went away: nobody to answer
+        status = 503  # the grace period ended (server/drain.py): answered, not cut
+        return render_error(shutting_down(), rid)
     finally:
+        drain.leave(task)
         state.in_flight -= 1
         if endpoint is not None:
             state.record_request(endpoint, info, status, time.perf_counter() - started)
@@ -304,14 +315,16 @@ def create_app(state: ProxyState) -> web.Application:
     """The OpenAI-compatible API app; owns the upstream client and the rules watcher."""
     app = web.Application(client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
-    api.add_routes(app, wrap=openai_errors)
-    admin.add_routes(app, api_port=True, wrap=openai_errors)
+    app[DRAIN] = Drain()
+    expect = expect_handler(state.settings.max_body_bytes)
+    api.add_routes(app, wrap=openai_errors, expect=expect)
+    admin.add_routes(app, api_port=True, wrap=openai_errors, expect=expect)
     resources = list(app.router.resources())
     app[KNOWN_PATHS] = (
         frozenset(r.canonical for r in resources if "{" not in r.canonical),
         tuple(r.get_info()["pattern"] for r in resources if isinstance(r, web.DynamicResource)),
     )
-    app.router.add_route("*", "/{tail:.*}", openai_errors(_unmatched))
+    app.router.add_route("*", "/{tail:.*}", openai_errors(_unmatched), expect_handler=expect)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_rules_watcher)
     app.cleanup_ctx.append(health.health_checks)  # after the upstream client: it uses it
@@ -320,7 +333,8 @@ def create_app(state: ProxyState) -> web.Application:
 
 def create_admin_app(state: ProxyState) -> web.Application:
     """The metrics listener: /metrics, /healthz, /readyz and the admin API."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=ADMIN_MAX_BODY_BYTES)
     app[STATE] = state
-    admin.add_routes(app, api_port=False)
+    app[DRAIN] = Drain()
+    admin.add_routes(app, api_port=False, expect=expect_handler(ADMIN_MAX_BODY_BYTES))
     return app

@@ -23,6 +23,7 @@ from proxy.core.sse import EventSizeGuard
 from proxy.providers import registry as providers
 from proxy.providers.base import ErrorInfo, JSONDict, StreamError, StreamTranslator, Usage
 from proxy.providers.openai import OpenAIStreamRelay
+from proxy.server.drain import DRAIN, shutting_down
 from proxy.server.exchange import (
     Attempt,
     AttemptFailed,
@@ -194,9 +195,31 @@ async def stream(
     except ClientGone:
         LOG.info("request %s: the client went away mid-stream", ex.request_id)
         outcome = Outcome.IGNORED
+    except asyncio.CancelledError:
+        if not ex.request.app[DRAIN].claim():
+            raise  # the client went away (handler cancellation): nobody to answer
+        outcome = await end_at_shutdown(ex, out)
     attempt.finish(ex, outcome)
     account(ex, cand, relay.usage, relay.content_chars)
     return out
+
+
+async def end_at_shutdown(ex: Exchange, out: web.StreamResponse) -> Outcome:
+    """The grace period ended mid-stream (server/drain.py): an in-band error, then the end.
+
+    The client sees `data: {"error": {"code": "proxy_shutting_down", ...}}` and the final
+    chunk of the chunked body, a clean end its SDK reports as an API error instead of a
+    connection error. The upstream did nothing wrong: the outcome is ignored.
+    """
+    LOG.info("request %s: stream ended by the shutdown", ex.request_id)
+    try:
+        if not out.prepared:
+            await out.prepare(ex.request)
+        await out.write(error_frame(shutting_down().to_dict()))
+        await out.write_eof()
+    except (ConnectionError, RuntimeError, aiohttp.ClientConnectionResetError):
+        pass  # the client went away, or the body had just ended: nothing more to send
+    return Outcome.IGNORED
 
 
 async def relay_rest(

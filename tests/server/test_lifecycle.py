@@ -65,6 +65,8 @@ async def test_sigterm_drains_in_flight_stream_then_exits_zero(tmp_path: Path) -
             "127.0.0.1:0",
             "--grace-period",
             "10",
+            "--shutdown-delay",
+            "0",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "HEALTH_CHECK_INTERVAL": "0"},
@@ -254,3 +256,175 @@ def test_a_bad_breaker_environment_value_stops_serve_with_its_name(
     err = capsys.readouterr().err
     assert err.startswith(f"cb-proxy: {name}=")
     assert "Traceback" not in err
+
+
+SHUTDOWN_RULES = """
+version: 1
+providers:
+  slow: {{type: openai, base_url: "{slow}/v1"}}
+  claude: {{type: anthropic, base_url: "{claude}", api_key_env: ANTHROPIC_API_KEY}}
+  fast: {{type: openai, base_url: "{fast}/v1"}}
+  stuck: {{type: openai, base_url: "{stuck}/v1"}}
+models:
+  long: {{provider: slow}}
+  long-claude: {{provider: claude}}
+  short: {{provider: fast}}
+  waiting: {{provider: stuck}}
+"""
+GRACE = 2.0
+DELAY = 1.0
+LONG_STREAMS = 180  # OpenAI-compatible, relayed as bytes
+LONG_TRANSLATED = 20  # Anthropic, translated
+SHORT_STREAMS = 5
+
+
+class StderrLines:
+    """The proxy's log, read as it comes (so the pipe never fills), with a wait per line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        self._stderr = proc.stderr
+        self.lines: list[str] = []
+        self._changed = asyncio.Condition()
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while line := await self._stderr.readline():
+            async with self._changed:
+                self.lines.append(line.decode())
+                self._changed.notify_all()
+
+    async def wait_for(self, text: str) -> str:
+        async with self._changed:
+            await self._changed.wait_for(lambda: any(text in line for line in self.lines))
+        return next(line for line in self.lines if text in line)
+
+
+async def _open_stream(
+    session: aiohttp.ClientSession, api: str, model: str
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    resp = await session.post(
+        api + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
+    assert resp.status == 200
+    return resp, await resp.content.readline()  # the first event: the stream is committed
+
+
+async def _rest(resp: aiohttp.ClientResponse) -> bytes:
+    """The rest of the body; aiohttp raises ClientPayloadError on a cut chunked body."""
+    try:
+        return await resp.content.read()
+    finally:
+        resp.release()
+
+
+def _events(body: bytes) -> list[bytes]:
+    return [event for event in body.split(b"\n\n") if event.strip()]
+
+
+async def test_sigterm_ends_every_open_stream_in_band_and_exits_within_the_grace_period(
+    tmp_path: Path,
+) -> None:
+    async with (
+        running_mock("openai", name="slow", tokens_per_second=4, words=200) as slow,
+        running_mock("anthropic", name="claude", tokens_per_second=4, words=200) as claude,
+        running_mock("openai", name="fast", tokens_per_second=50, words=12) as fast,
+        running_mock("openai", name="stuck", latency_ms=60_000) as stuck,
+    ):
+        path = write_rules(
+            tmp_path,
+            SHUTDOWN_RULES.format(slow=slow.url, claude=claude.url, fast=fast.url, stuck=stuck.url),
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--rules",
+            str(path),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--grace-period",
+            str(GRACE),
+            "--shutdown-delay",
+            str(DELAY),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "HEALTH_CHECK_INTERVAL": "0", "ANTHROPIC_API_KEY": "k"},
+        )
+        log = StderrLines(proc)
+        connector = aiohttp.TCPConnector(limit=0)  # 200+ streams at once, one connection each
+        try:
+            api, metrics = await asyncio.wait_for(_ready_line(proc), 20)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                models = ["long"] * LONG_STREAMS + ["long-claude"] * LONG_TRANSLATED
+                long = await asyncio.gather(*(_open_stream(session, api, m) for m in models))
+                plain = [
+                    asyncio.create_task(
+                        session.post(
+                            api + "/v1/chat/completions", json={**BODY, "model": "waiting"}
+                        )
+                    )
+                    for _ in range(3)
+                ]
+                await stuck.wait_in_flight(3)
+                short = await asyncio.gather(
+                    *(_open_stream(session, api, "short") for _ in range(SHORT_STREAMS))
+                )
+
+                loop = asyncio.get_running_loop()
+                signalled = loop.time()
+                proc.send_signal(signal.SIGTERM)
+                await log.wait_for("draining:")
+                # At once: not ready; and yet new requests are served during the delay.
+                async with session.get(metrics + "/readyz") as ready:
+                    assert ready.status == 503
+                    assert (await ready.json())["status"] == "draining"
+                status, provider = await chat_model(session, api, "short")
+                assert (status, provider) == (200, "fast")
+                assert loop.time() - signalled < DELAY
+
+                short_bodies = await asyncio.gather(*(_rest(resp) for resp, _ in short))
+                long_bodies = await asyncio.gather(*(_rest(resp) for resp, _ in long))
+                plain_replies = []
+                for task in plain:
+                    async with await task as resp:
+                        plain_replies.append((resp.status, await resp.json()))
+            code = await asyncio.wait_for(proc.wait(), GRACE + 5)
+            exited = loop.time() - signalled
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await log.task
+        assert code == 0
+        assert exited < GRACE + 1, exited
+        # Short streams finished whole.
+        for (_, first), rest in zip(short, short_bodies, strict=True):
+            assert (first + rest).endswith(b"data: [DONE]\n\n")
+            assert b'"error"' not in rest
+        # Every long stream: content, then exactly one in-band error as its last event.
+        for (_, first), rest in zip(long, long_bodies, strict=True):
+            events = _events(first + rest)
+            assert len(events) > 1
+            last = orjson.loads(events[-1].removeprefix(b"data: "))
+            assert last["error"]["code"] == "proxy_shutting_down"
+            assert last["error"]["type"] == "server_error"
+            assert sum(b'"error"' in event for event in events) == 1
+        # Plain requests still waiting at the end: a 503 in OpenAI's shape.
+        for status, body in plain_replies:
+            assert status == 503
+            assert body["error"]["code"] == "proxy_shutting_down"
+        text = "".join(log.lines)
+        assert "get a 503 or an in-band error" in text
+        assert "Traceback" not in text
+
+
+async def chat_model(session: aiohttp.ClientSession, url: str, model: str) -> tuple[int, str]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(url + "/v1/chat/completions", json=body) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("x-cb-provider", "")
