@@ -55,9 +55,12 @@ EXPECTED_PROXY_ENV = {
 }
 EXPECTED_APP_ENV = {"OPENAI_BASE_URL": "http://127.0.0.1:3000/v1", "OPENAI_API_KEY": "not-needed"}
 PROVIDER_KEY_ENVS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
-# `cb-proxy serve` drains for this long unless --grace-period says otherwise.
+# `cb-proxy serve` drains for this long unless --grace-period says otherwise. The shutdown delay
+# (--shutdown-delay, CB_SHUTDOWN_DELAY: still accepting after SIGTERM) is part of it, never added:
+# the process exits within the grace period + 1 s whatever the delay (proxy/server/lifecycle.py).
 DEFAULT_PROXY_GRACE_SECONDS = 25
-# Time for the process to exit after draining, and for the kubelet's signalling.
+DEFAULT_PROXY_SHUTDOWN_DELAY_SECONDS = 3
+# Time for the process to exit after draining (under 1 s), and for the kubelet's signalling.
 SHUTDOWN_MARGIN_SECONDS = 5
 POD_SPEC_PATHS = {
     "Deployment": ("spec", "template"),
@@ -145,6 +148,17 @@ def _proxy_grace_seconds(container: Doc) -> int:
         if arg.startswith("--grace-period="):
             return int(arg.split("=", 1)[1])
     return DEFAULT_PROXY_GRACE_SECONDS
+
+
+def _proxy_shutdown_delay(container: Doc) -> float:
+    args = [str(arg) for arg in [*(container.get("command") or []), *(container.get("args") or [])]]
+    for index, arg in enumerate(args):
+        if arg == "--shutdown-delay" and index + 1 < len(args):
+            return float(args[index + 1])
+        if arg.startswith("--shutdown-delay="):
+            return float(arg.split("=", 1)[1])
+    env = _env_values(container).get("CB_SHUTDOWN_DELAY")
+    return float(env) if isinstance(env, str) else DEFAULT_PROXY_SHUTDOWN_DELAY_SECONDS
 
 
 def _sleep_seconds(handler: Any) -> int | None:
@@ -252,6 +266,10 @@ def _rules_mount_problems(where: str, pod_spec: Doc, proxy: Doc, docs: list[Doc]
 def _shutdown_problems(where: str, pod_spec: Doc, proxy: Doc, native: bool) -> list[str]:
     grace = int(pod_spec.get("terminationGracePeriodSeconds", 30))
     drain = _proxy_grace_seconds(proxy)
+    delay = _proxy_shutdown_delay(proxy)
+    if delay > drain:
+        # The proxy would cut it to the grace period: the manifest says something it does not do.
+        return [f"{where}: --shutdown-delay {delay:g} is longer than --grace-period {drain}"]
     pre_stop = _dig(proxy, "lifecycle", "preStop")
     if native:
         # The app exits before the sidecar gets SIGTERM: no preStop delay is needed.
@@ -262,8 +280,8 @@ def _shutdown_problems(where: str, pod_spec: Doc, proxy: Doc, native: bool) -> l
             return [f"{where}: terminationGracePeriodSeconds {grace} < drain {drain} + margin"]
         return []
     problems: list[str] = []
-    delay = _sleep_seconds(pre_stop)
-    if delay is None:
+    sleep = _sleep_seconds(pre_stop)
+    if sleep is None:
         return [
             f"{where}: a classic sidecar needs a preStop sleep so the app's last calls get through"
         ]
@@ -271,10 +289,10 @@ def _shutdown_problems(where: str, pod_spec: Doc, proxy: Doc, native: bool) -> l
         problems.append(
             f"{where}: a classic sidecar needs a postStart hook holding the app's start"
         )
-    needed = delay + drain + SHUTDOWN_MARGIN_SECONDS
+    needed = sleep + drain + SHUTDOWN_MARGIN_SECONDS
     if grace < needed:
         problems.append(
-            f"{where}: terminationGracePeriodSeconds {grace} < preStop {delay} + drain {drain}"
+            f"{where}: terminationGracePeriodSeconds {grace} < preStop {sleep} + drain {drain}"
             f" + margin {SHUTDOWN_MARGIN_SECONDS}"
         )
     return problems

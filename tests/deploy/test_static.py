@@ -420,6 +420,13 @@ def test_generated_rules_configmap_is_referenced_by_its_hashed_name() -> None:
         (lambda spec: spec["initContainers"][0].update(bogus=1), "bogus"),
         (lambda spec: spec["containers"][0]["env"].clear(), "OPENAI_BASE_URL"),
         (lambda spec: spec["initContainers"][0].pop("readinessProbe"), "readinessProbe"),
+        (
+            # The delay is part of the grace period: a longer one is a manifest that lies.
+            lambda spec: spec["initContainers"][0].update(
+                args=["serve", "--grace-period", "25", "--shutdown-delay", "30"]
+            ),
+            "--shutdown-delay 30 is longer than --grace-period 25",
+        ),
     ],
 )
 def test_validator_rejects_broken_manifests(mutate: Any, message: str, tmp_path: Path) -> None:
