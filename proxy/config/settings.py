@@ -57,6 +57,25 @@ DEFAULT_UPSTREAM_MAX_BODY_BYTES = 64 * 1024 * 1024
 # 256 x a few upstream hosts stays well inside a container's default 1024+ descriptors.
 DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST = 256
 
+# Admission control (CB_MAX_IN_FLIGHT, docs/architecture.md 'Admission control'): requests
+# in flight beyond the limit get a fast 503. Unset, the limit is derived from the soft
+# RLIMIT_NOFILE after start-up raised it to the hard limit: each admitted request may hold
+# a client socket and an upstream socket, so 2 descriptors, and the other half of the table
+# is left to what admission cannot bound (keep-alive client connections, idle or being turned
+# away; idle pooled upstream connections; listeners, health checks, files).
+FDS_PER_ADMITTED_REQUEST = 4
+MIN_DERIVED_MAX_IN_FLIGHT = 16
+# RLIM_INFINITY, or a limit beyond any real table: derive as if it were this.
+FD_LIMIT_CEILING = 1 << 20
+
+
+def derived_max_in_flight(fd_limit: int) -> int:
+    """The default CB_MAX_IN_FLIGHT for a soft RLIMIT_NOFILE (negative = unlimited)."""
+    if fd_limit < 0 or fd_limit > FD_LIMIT_CEILING:
+        fd_limit = FD_LIMIT_CEILING
+    return max(MIN_DERIVED_MAX_IN_FLIGHT, fd_limit // FDS_PER_ADMITTED_REQUEST)
+
+
 LogFormat = Literal["json", "text"]
 
 
@@ -92,6 +111,8 @@ class Settings:
     upstream_max_event_bytes: int = DEFAULT_UPSTREAM_MAX_EVENT_BYTES
     upstream_max_body_bytes: int = DEFAULT_UPSTREAM_MAX_BODY_BYTES
     upstream_max_connections_per_host: int = DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST
+    # CB_MAX_IN_FLIGHT: None = derived_max_in_flight(soft RLIMIT_NOFILE) at start; 0 = no limit.
+    max_in_flight: int | None = None
     shutdown_delay: float = DEFAULT_SHUTDOWN_DELAY  # bounded by grace_period
     client_header_timeout: float = DEFAULT_CLIENT_HEADER_TIMEOUT
     client_body_timeout: float = DEFAULT_CLIENT_BODY_TIMEOUT
@@ -199,8 +220,18 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -
             "CB_UPSTREAM_MAX_CONNECTIONS_PER_HOST", DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST, 1
         ),
         **_connection_settings(environ, flags.get("shutdown_delay")),
+        max_in_flight=_max_in_flight(environ),
         environ=dict(environ),
     )
+
+
+def _max_in_flight(environ: Mapping[str, str]) -> int | None:
+    raw = environ.get("CB_MAX_IN_FLIGHT", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise SettingsError(f"CB_MAX_IN_FLIGHT: expected a whole number >= 0, got {raw!r}")
+    return int(raw)
 
 
 def _connection_settings(environ: Mapping[str, str], delay_flag: str | None) -> dict[str, float]:

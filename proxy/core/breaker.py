@@ -289,7 +289,16 @@ class CircuitOpenError(ServiceUnavailable):
 class Permit:
     """One granted call; report it exactly once with ``record`` or ``release``."""
 
-    __slots__ = ("counted", "done", "epoch", "generation", "probe", "stale", "started_at")
+    __slots__ = (
+        "answered",
+        "counted",
+        "done",
+        "epoch",
+        "generation",
+        "probe",
+        "stale",
+        "started_at",
+    )
 
     def __init__(self, generation: int, probe: bool, counted: bool, started_at: float) -> None:
         self.generation = generation
@@ -299,6 +308,7 @@ class Permit:
         self.started_at = started_at
         self.done = False
         self.stale = False  # counted in ``stalled`` (invariant 10)
+        self.answered = False  # its first token arrived: never stale from then on
         self.epoch = -1  # the success count when it went stale: in ``stalled_streak`` if current
 
 
@@ -419,6 +429,20 @@ class CircuitBreaker:
             self._stalled_streak = 0
         if self._should_trip():
             self._fire(Event.TRIP, now, retry_after if failed else None)
+
+    def first_token(self, permit: Permit) -> None:
+        """The call's first token arrived (response headers, or a stream's first content).
+
+        From then on it is not stalled, however long it streams (invariant 10); a
+        provisional failure it carried is withdrawn. Its outcome still comes with
+        ``record``.
+        """
+        if permit.answered or permit.done:
+            return
+        permit.answered = True
+        if permit.stale and permit.generation == self._generation:
+            self._unstall(permit)
+            permit.stale = False
 
     def release(self, permit: Permit) -> None:
         """The call was cancelled: no outcome; a probe slot returns (once, like ``record``)."""
@@ -625,10 +649,10 @@ class CircuitBreaker:
         newly = 0
         while young:
             head = young[0]
-            if not head.done and head.started_at > horizon:
+            if not (head.done or head.answered) and head.started_at > horizon:
                 break
             young.popleft()
-            if not head.done:
+            if not (head.done or head.answered):
                 head.stale = True
                 head.epoch = self._successes
                 newly += 1

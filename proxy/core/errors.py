@@ -16,6 +16,7 @@ status and the OpenAI ``error.type`` the SDKs expect, so the middleware in
     ├── RateLimited                 429 rate_limit_error
     ├── UpstreamError               502 server_error   (connect refused, reset, bad reply)
     ├── ServiceUnavailable          503 server_error   (every candidate's breaker open)
+    │   └── ProxyOverloaded         503 server_error   (code proxy_overloaded, Retry-After)
     ├── UpstreamTimeout             504 server_error   (a per-phase timeout fired)
     └── UpstreamHTTPError           the upstream's own status and body, passed through
 
@@ -24,12 +25,14 @@ Upstream transport errors are mapped to this tree in ``forward`` only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import orjson
 
 JSONDict = dict[str, Any]
+OVERLOAD_RETRY_AFTER_SECONDS = 1.0  # ProxyOverloaded's Retry-After
 
 
 class ProxyError(Exception):
@@ -131,6 +134,23 @@ class ServiceUnavailable(ProxyError):
     status = 503
     error_type = "server_error"
     default_code = "service_unavailable"
+
+
+class ProxyOverloaded(ServiceUnavailable):
+    """The proxy's own limits or resources, not an upstream: retry shortly.
+
+    Admission control (CB_MAX_IN_FLIGHT) and local failures (out of descriptors,
+    buffers, memory or pooled connections) answer with it. It carries ``Retry-After``
+    (and ``retry-after-ms``) of ``OVERLOAD_RETRY_AFTER_SECONDS``: capacity frees as
+    requests in flight end, which is usually well within a second.
+    """
+
+    default_code = "proxy_overloaded"
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        wait = OVERLOAD_RETRY_AFTER_SECONDS
+        hint = {"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))}
+        super().__init__(message, headers={**hint, **(headers or {})})
 
 
 class UpstreamTimeout(ProxyError):

@@ -28,7 +28,7 @@ from proxy.core.errors import (
     ProxyError,
     UpstreamHTTPError,
 )
-from proxy.server import admin, api, health
+from proxy.server import admin, admission, api, health
 from proxy.server.api import STATE, request_id
 from proxy.server.connections import expect_handler
 from proxy.server.drain import DRAIN, Drain, shutting_down
@@ -74,18 +74,31 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyE
     return err
 
 
+def _overloaded(state: ProxyState, request: web.Request, endpoint: str) -> web.Response:
+    """The fast 503 of admission control: nothing read, planned or sent upstream."""
+    rid = request_id(request)
+    state.metrics.rejections.labels(admission.NO_UPSTREAM, admission.OVERLOADED).inc()
+    state.record_request(endpoint, RequestInfo(rid), 503, 0.0)
+    return render_error(admission.overloaded(state.max_in_flight), rid)
+
+
 async def guarded(
     request: web.Request, handler: Handler, endpoint: str | None
 ) -> web.StreamResponse:
     """Every error as OpenAI JSON with x-request-id; request accounting; one place."""
     state = request.app[STATE]
+    # Admission control: only proxied requests count and can be turned away; /healthz,
+    # /readyz, /metrics and the admin API are never starved (proxy.server.admission).
+    if endpoint is not None and 0 < state.max_in_flight <= state.in_flight:
+        return _overloaded(state, request, endpoint)
     drain = request.app[DRAIN]
     task = drain.enter()
     rid = request_id(request)
     info = RequestInfo(rid)
     request[REQUEST_INFO] = info
     started = time.perf_counter()
-    state.in_flight += 1
+    if endpoint is not None:
+        state.in_flight += 1
     status = 500
     try:
         response = await handler(request)
@@ -113,8 +126,8 @@ async def guarded(
         return render_error(shutting_down(), rid)
     finally:
         drain.leave(task)
-        state.in_flight -= 1
         if endpoint is not None:
+            state.in_flight -= 1
             state.record_request(endpoint, info, status, time.perf_counter() - started)
 
 
@@ -313,6 +326,7 @@ async def _rules_watcher(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(state: ProxyState) -> web.Application:
     """The OpenAI-compatible API app; owns the upstream client and the rules watcher."""
+    admission.configure(state)
     app = web.Application(client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
     app[DRAIN] = Drain()

@@ -98,6 +98,7 @@ class Attempt:
     def first_token(self) -> None:
         if self.ttft is None:
             self.ttft = time.monotonic() - self.started
+            self.breaker.first_token(self.permit)  # answering: no longer judged as stalled
 
     def seconds(self, ex: Exchange) -> float:
         elapsed = time.monotonic() - self.started

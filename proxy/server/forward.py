@@ -39,9 +39,11 @@ from proxy.core.candidates import Candidate
 from proxy.core.errors import (
     InvalidRequest,
     ProxyError,
+    ProxyOverloaded,
     RateLimited,
     ServiceUnavailable,
     UpstreamError,
+    UpstreamTimeout,
 )
 from proxy.core.outcome import Outcome
 from proxy.core.ratelimit import gate_seconds
@@ -68,9 +70,9 @@ from proxy.server.exchange import (
 )
 from proxy.server.state import ProxyState
 from proxy.server.streaming import ClientGone, stream, unreadable
-from proxy.upstream.client import Response, UpstreamPool
+from proxy.upstream.client import Progress, Response, UpstreamPool
 from proxy.upstream.deadline import Guard
-from proxy.upstream.errors import UPSTREAM_ERRORS, BodyTooLarge, failure
+from proxy.upstream.errors import UPSTREAM_ERRORS, BodyTooLarge, Failure, failure, local_failure
 
 LOG = logging.getLogger("cb_proxy.forward")
 
@@ -319,10 +321,16 @@ async def _send(
     # The request's total deadline (docs/breaker.md: the outermost layer) bounds every attempt.
     total_deadline = min(sent + timeouts.total, request_deadline)
     phase = _Phase.CONNECT
+    progress = Progress()
     try:
         with ex.state.watchdog.guard(min(sent + timeouts.first_token, total_deadline)) as deadline:
             resp = await pool.request(
-                req.method, req.url, req.headers, req.body, connect_timeout=timeouts.connect
+                req.method,
+                req.url,
+                req.headers,
+                req.body,
+                connect_timeout=timeouts.connect,
+                progress=progress,
             )
             async with resp:
                 phase = _Phase.FIRST_TOKEN
@@ -380,10 +388,38 @@ async def _send(
         }[phase]
         if isinstance(exc, TimeoutError) and loop.time() >= total_deadline:
             doing = "at the total deadline"
-        found = failure(exc, cand.deployment.key, doing=doing)
+        found = None
+        if isinstance(exc, TimeoutError) and not progress.written:
+            found = _unsent(
+                progress, cand.deployment.key, sent + timeouts.first_token, total_deadline
+            )
+        if found is None:
+            found = failure(exc, cand.deployment.key, doing=doing)
         raise AttemptFailed(
             found.error, found.outcome, transient=found.transient, local=found.local
         ) from None
+
+
+def _unsent(progress: Progress, upstream: str, own_deadline: float, cut: float) -> Failure | None:
+    """A deadline fired before the request reached ``upstream``: whose failure is it?
+
+    Waiting for a pooled connection slot is the proxy's own limit; so is connecting when the
+    request's deadline (time spent on earlier attempts) cut this attempt short of its own
+    first-token deadline. Connecting within the attempt's own time is the upstream's failure.
+    None = the upstream's (the usual map applies).
+    """
+    if not progress.connecting:
+        return local_failure(
+            ProxyOverloaded(
+                f"no connection to {upstream} came free before the deadline "
+                "(CB_UPSTREAM_MAX_CONNECTIONS_PER_HOST)"
+            )
+        )
+    if cut < own_deadline:
+        return local_failure(
+            UpstreamTimeout(f"the request's deadline passed while connecting to {upstream}")
+        )
+    return None
 
 
 async def _read_body(

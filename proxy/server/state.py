@@ -94,6 +94,7 @@ class ProxyState:
     draining: bool = False
     in_flight: int = 0
     retries_in_flight: int = 0
+    max_in_flight: int = 0  # admission control (proxy.server.admission); 0 = no limit
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
     gates: RateLimitGate = field(default_factory=RateLimitGate)
     breaker_defaults: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)

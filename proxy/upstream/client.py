@@ -619,6 +619,21 @@ class Response:
         self.close()
 
 
+class Progress:
+    """How far one request got, for telling the proxy's own delays from the upstream's.
+
+    ``connecting``: a new connection was being opened (not waiting for a pooled slot);
+    ``written``: the request was handed to a connection. A deadline that fires before
+    ``written`` found the upstream without the request (docs/upstream.md).
+    """
+
+    __slots__ = ("connecting", "written")
+
+    def __init__(self) -> None:
+        self.connecting = False
+        self.written = False
+
+
 class UpstreamPool:
     """Keep-alive connections per origin, capped per origin, and the request function."""
 
@@ -636,7 +651,8 @@ class UpstreamPool:
     ) -> None:
         """``environ`` (default: the process's) supplies the proxy and CA variables;
         ``clock`` ages idle connections; ``opener`` stands in for
-        ``loop.create_connection`` (tests inject failures there)."""
+        ``loop.create_connection`` (tests inject failures there, also on a running pool
+        through the ``opener`` attribute; None = the loop's)."""
         env = os.environ if environ is None else environ
         self._environ = env
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -648,7 +664,7 @@ class UpstreamPool:
         self._max_per_host = max_per_host
         self._max_header_bytes = max_header_bytes
         self._clock = clock
-        self._opener = opener
+        self.opener = opener
         self.proxies = EgressProxies(env)
         self._closed = False
 
@@ -722,7 +738,9 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
 
-    async def _acquire(self, origin: Origin, seconds: float, *, reuse: bool) -> _Connection:
+    async def _acquire(
+        self, origin: Origin, seconds: float, *, reuse: bool, progress: Progress | None = None
+    ) -> _Connection:
         """An idle connection (when ``reuse``), else a new one once the cap leaves room."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None
@@ -732,6 +750,8 @@ class UpstreamPool:
                 if conn is not None:
                     return conn
             if self._open.get(origin, 0) < self._max_per_host:
+                if progress is not None:
+                    progress.connecting = True
                 return await self._connect(origin, seconds)
             # Every allowed connection is busy: wait for one to come back or close, within
             # the connect timeout (a wait for a connection is part of connecting).
@@ -770,7 +790,7 @@ class UpstreamPool:
         if route is not None:
             where += f" via {route.host}:{route.port}"
         loop = asyncio.get_running_loop()
-        opener: Opener = self._opener or loop.create_connection
+        opener: Opener = self.opener or loop.create_connection
         try:
             async with asyncio.timeout(seconds):
                 if route is None:
@@ -811,14 +831,17 @@ class UpstreamPool:
         body: bytes | None,
         *,
         connect_timeout: float,
+        progress: Progress | None = None,
     ) -> Response:
-        """Send a request; return once the response head arrived."""
+        """Send a request; return once the response head arrived (``progress``: how far)."""
         origin, host_header, target = split_url(url)
         head = _request_head(method, target, host_header, headers, body)
         head_only = method == "HEAD"
         conn = self._take_idle(origin)
         if conn is None:
-            conn = await self._acquire(origin, connect_timeout, reuse=True)
+            conn = await self._acquire(origin, connect_timeout, reuse=True, progress=progress)
+        if progress is not None:
+            progress.written = True
         try:
             return await self._exchange(conn, head, body, head_only)
         except Disconnected as exc:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from proxy.core.errors import ProxyError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from proxy.core.errors import ProxyError, ProxyOverloaded, UpstreamError, UpstreamTimeout
 from proxy.core.outcome import Outcome
 from proxy.core.sse import EventTooLarge as SSEEventTooLarge
 
@@ -129,6 +129,11 @@ class Failure:
     local: bool = False  # the proxy's own failure: never recorded on the breaker
 
 
+def local_failure(error: ProxyError) -> Failure:
+    """The proxy's own failure: no breaker outcome, the permit is released."""
+    return Failure(Outcome.IGNORED, error, local=True)
+
+
 def failure(exc: BaseException, upstream: str, *, doing: str = "") -> Failure:
     """Map an exception from an upstream call to its Failure.
 
@@ -138,14 +143,11 @@ def failure(exc: BaseException, upstream: str, *, doing: str = "") -> Failure:
     this function only sees the ones listed in the module docstring,
     ``TimeoutError`` and ``OSError``.
     """
-    if isinstance(exc, LocalFailure):
-        return Failure(
-            Outcome.IGNORED,
-            ServiceUnavailable(
-                f"the proxy could not call {upstream}: {exc}", code="proxy_overloaded"
-            ),
-            local=True,
-        )
+    if isinstance(exc, LocalFailure) or (
+        # Out of buffers or memory while sending or reading: still ours, not the peer's.
+        isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS
+    ):
+        return local_failure(ProxyOverloaded(f"the proxy could not call {upstream}: {exc}"))
     if isinstance(exc, ConnectTimeout):
         return Failure(
             Outcome.FAILURE, UpstreamTimeout(f"upstream {upstream} timed out connecting ({exc})")

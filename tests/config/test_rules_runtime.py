@@ -21,7 +21,7 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from proxy.config.model import (
     BreakerOverrides,
     CostCap,
     Deployment,
+    Provider,
     RetryPolicy,
     RulesError,
     RuleSet,
@@ -49,6 +50,7 @@ from proxy.config.model import (
 )
 from proxy.config.settings import Settings
 from proxy.config.spec import Spec, declared
+from proxy.core.breaker import CircuitBreakerConfig
 from proxy.server.metrics import Metrics
 from proxy.server.state import ProxyState
 from tests.config.test_rules_properties import documents
@@ -271,6 +273,12 @@ def check(drawn: Drawn) -> RuleSet | None:
     return None
 
 
+def expected_breaker(state: ProxyState, provider: Provider) -> CircuitBreakerConfig:
+    """The defaults with the file's overrides; stalls are judged from its first-token timeout."""
+    config = state.breaker_defaults.with_overrides(provider.breaker)
+    return replace(config, first_token_seconds=provider.timeouts.first_token)
+
+
 def build_state(rules: RuleSet, env: dict[str, str], path: Path) -> ProxyState:
     """What `cb-proxy serve` does with the rules at start, before it listens."""
     return ProxyState(
@@ -291,7 +299,7 @@ def test_every_accepted_file_builds_the_runtime_state(drawn: Drawn, env: dict[st
     state = build_state(rules, env, Path("unused.yaml"))
     for name, provider in rules.providers.items():
         config = state.breaker(name).config
-        assert config == state.breaker_defaults.with_overrides(provider.breaker)
+        assert config == expected_breaker(state, provider)
         assert config.open_seconds <= config.max_open_seconds
 
 
@@ -390,5 +398,5 @@ def test_every_file_hot_reloads_or_is_rejected_by_a_running_proxy(
         assert state.rules.models == rules.models
         for name, provider in rules.providers.items():
             config = state.breaker(name).config
-            assert config == state.breaker_defaults.with_overrides(provider.breaker)
+            assert config == expected_breaker(state, provider)
         assert error_count(proxy) == errors

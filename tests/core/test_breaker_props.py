@@ -96,6 +96,12 @@ class BreakerMachine(RuleBasedStateMachine):
             self.reported.append(permit)
 
     @rule(data=st.data())
+    def first_token(self, data: st.DataObject) -> None:
+        if self.outstanding:
+            permit = data.draw(st.sampled_from(self.outstanding))
+            self.breaker.first_token(permit)
+
+    @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         if self.outstanding:
             index = data.draw(st.integers(0, len(self.outstanding) - 1))
@@ -155,6 +161,7 @@ class BreakerMachine(RuleBasedStateMachine):
                 if p.generation == metrics["generation"]
                 and p.counted
                 and not p.probe
+                and not p.answered
                 and p.started_at <= self.clock.now - threshold  # as the breaker computes it
             )
             assert metrics["stalled"] == stale

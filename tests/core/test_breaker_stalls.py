@@ -298,3 +298,35 @@ def test_quick_traffic_keeps_the_tracking_short() -> None:
     breaker.record(head, Outcome.SUCCESS, 1)
     assert stalled(breaker) == (0, 0)
     assert breaker.get_metrics()["stall_tracked"] == 0
+
+
+def test_a_call_that_answered_is_never_stalled_however_long_it_streams() -> None:
+    clock, transitions = FakeClock(), Transitions()
+    breaker = make(clock, transitions, failure_threshold=1)
+    streams = grant(breaker, 3)
+    clock.advance(0.2)
+    for permit in streams:
+        breaker.first_token(permit)  # the first content event arrived
+    clock.advance(600)  # minutes of streaming
+    assert stalled(breaker) == (0, 0)
+    assert state(breaker) is State.CLOSED
+    for permit in streams:
+        breaker.record(permit, Outcome.SUCCESS, 200)
+    assert transitions.pairs == []
+
+
+def test_a_late_first_token_withdraws_the_provisional_failure() -> None:
+    clock, transitions = FakeClock(), Transitions()
+    breaker = make(clock, transitions)
+    slow = grant(breaker, 2)
+    clock.advance(STALL)
+    assert stalled(breaker) == (2, 2)
+    breaker.first_token(slow[0])
+    breaker.first_token(slow[0])  # once only
+    assert stalled(breaker) == (1, 1)
+    grant(breaker, 1)
+    clock.advance(STALL)
+    assert stalled(breaker) == (2, 2)
+    assert state(breaker) is State.CLOSED  # 2 of 3
+    breaker.record(slow[0], Outcome.FAILURE)  # its real outcome counts, once
+    assert transitions.pairs == [(State.CLOSED, State.OPEN)]
