@@ -432,7 +432,11 @@ def _check_messages(messages: Any) -> str | None:
             return f"Invalid value for 'messages[{i}].role'."
         role = message["role"]
         if role == "tool":
-            if message.get("tool_call_id") not in pending:
+            # Any JSON may arrive here (the fuzz suite sends it): a list id is not hashable.
+            if (
+                not isinstance(message.get("tool_call_id"), str)
+                or message["tool_call_id"] not in pending
+            ):
                 return (
                     "Invalid parameter: messages with role 'tool' must be a response to a "
                     f"preceeding message with 'tool_calls' (messages[{i}])."

@@ -111,9 +111,17 @@ def text_of(content: Any, param: str) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
-        return "".join(
-            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
+        texts: list[str] = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                continue
+            text = part.get("text")
+            if text is not None and not isinstance(text, str):
+                raise InvalidRequest(
+                    "a text part's text must be a string", param=f"{param}[{j}].text"
+                )
+            texts.append(text or "")
+        return "".join(texts)
     raise InvalidRequest("content must be a string or an array of text parts", param=param)
 
 
