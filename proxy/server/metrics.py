@@ -39,6 +39,23 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 
 
+# The label values every series is created with at 0 (``Metrics.init_series``), so that
+# ``increase()`` and ``rate()`` in deploy/prometheus/alerts.yml see the first event: a
+# series born with its first increment has no earlier sample to grow from.
+ENDPOINTS = ("chat", "completions", "embeddings")  # proxy.server.app.ENDPOINT_NAMES
+CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+STREAM_VALUES = ("false", "true")
+TOKEN_KINDS = ("prompt", "completion")
+# An attempt's outcome: proxy.core.outcome.Outcome, plus proxy.server.exchange.LOCAL_FAILURE.
+UPSTREAM_OUTCOMES = ("success", "failure", "rate_limited", "ignored", "local_failure")
+# Why a candidate was skipped without I/O (proxy.server.forward).
+REJECTION_REASONS = ("breaker_open", "rate_limited")
+# Series labelled by model are created ahead only for a catalog up to this many models and
+# deployments: a sidecar's catalog has tens; a shared catalog of thousands would export
+# tens of thousands of zeros. Beyond it those series appear on first use, as before.
+MODEL_SERIES_MAX = 500
+
+
 class BreakerView(Protocol):
     """What the breaker gauges read at scrape time; the core's breaker registry provides it."""
 
@@ -308,3 +325,46 @@ class Metrics:
 
     def bind_breakers(self, view: BreakerView) -> None:
         self._breaker_view = view
+
+    def init_series(
+        self,
+        upstreams: Iterable[str],
+        transitions: Iterable[tuple[str, str]],
+        deployments: Sequence[tuple[str, str, str]],
+        models: Sequence[str],
+    ) -> None:
+        """Create at 0 every series the alerts and the dashboard read, for these label values.
+
+        ``upstreams``: the provider names; ``transitions``: every (from, to) state pair the
+        breaker can take; ``deployments``: (provider name, provider type, model) per
+        deployment; ``models``: the names a request is counted under (models and virtual
+        models). Idempotent: run at start and again after each reload, for new names.
+        """
+        upstreams = list(upstreams)
+        transitions = list(transitions)
+        for upstream in upstreams:
+            for source, target in transitions:
+                self.transitions.labels(upstream, source, target)
+            for reason in REJECTION_REASONS:
+                self.rejections.labels(upstream, reason)
+            self.retries.labels(upstream)
+            self.upstream_duration.labels(upstream)
+            self.time_to_first_token.labels(upstream)
+            for served_by in upstreams:
+                self.fallbacks.labels(upstream, served_by)
+        for endpoint in ENDPOINTS:
+            for stream in STREAM_VALUES:
+                self.request_duration.labels(endpoint, stream)
+        self.overhead.labels()
+        if len(deployments) > MODEL_SERIES_MAX or len(models) > MODEL_SERIES_MAX:
+            return
+        for provider, provider_type, model in deployments:
+            for outcome in UPSTREAM_OUTCOMES:
+                self.upstream_calls.labels(provider, provider_type, model, outcome)
+            for kind in TOKEN_KINDS:
+                self.tokens.labels(provider, model, kind)
+            self.cost.labels(provider, model)
+        for model in models:
+            for endpoint in ENDPOINTS:
+                for code_class in CODE_CLASSES:
+                    self.requests.labels(endpoint, model, code_class)

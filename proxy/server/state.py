@@ -21,17 +21,28 @@ from aiohttp import web
 from proxy.config.check import load_rules
 from proxy.config.model import Deployment, Provider, RuleSet
 from proxy.config.settings import Settings
-from proxy.core.breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig, State
+from proxy.core.breaker import (
+    TRANSITIONS,
+    BreakerRegistry,
+    CircuitBreaker,
+    CircuitBreakerConfig,
+    State,
+)
 from proxy.core.ratelimit import RateLimitGate
 from proxy.core.secrets import NO_SECRETS, Redactor
 from proxy.core.usage import UsageTotals
 from proxy.providers.base import Usage
 from proxy.server.logs import guard_secrets
-from proxy.server.metrics import Metrics
+from proxy.server.metrics import MODEL_SERIES_MAX, Metrics
 from proxy.upstream.client import UpstreamPool
 from proxy.upstream.deadline import Watchdog
 
 LOG = logging.getLogger("cb_proxy")
+UNKNOWN_MODEL = "unknown"  # a request counted before its model was resolved
+# Every real (from, to) breaker transition, as metric label values.
+BREAKER_TRANSITIONS = tuple(
+    dict.fromkeys((s.value, t.value) for (s, _), t in TRANSITIONS.items() if s is not t)
+)
 # Reads and checks a rules file (path, CB_RULES_MAX_BYTES); a reload runs it off the loop.
 RulesLoader = Callable[[Path, int | None], RuleSet]
 
@@ -45,7 +56,7 @@ class RequestInfo:
     """What the middleware needs to know about a request once its handler is done."""
 
     request_id: str
-    model: str = "unknown"  # a model name from the rules, never free text (metric label)
+    model: str = UNKNOWN_MODEL  # a model name from the rules, never free text (metric label)
     stream: bool = False
     upstream_seconds: float | None = None
 
@@ -133,6 +144,23 @@ class ProxyState:
         # so dashboards and alerts see idle upstreams too.
         for name in self.rules.providers:
             self.breakers.get(name)
+        self._init_series()
+
+    def _init_series(self) -> None:
+        """Every labelled series the alerts read, at 0, for the names in the rules in force."""
+        rules = self.rules
+        # A catalog over the cap has more deployments than models: none is listed then.
+        small = len(rules.models) <= MODEL_SERIES_MAX
+        self.metrics.init_series(
+            upstreams=rules.providers,
+            transitions=BREAKER_TRANSITIONS,
+            deployments=[
+                (d.provider, rules.providers[d.provider].type, d.model)
+                for m in (rules.models.values() if small else ())
+                for d in m.deployments
+            ],
+            models=[UNKNOWN_MODEL, *rules.models, *rules.virtual_models],
+        )
 
     def _on_transition(self, name: str, source: State, target: State) -> None:
         self.metrics.transitions.labels(name, source.value, target.value).inc()
