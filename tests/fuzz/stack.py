@@ -70,6 +70,7 @@ class Stack:
     proxy: ProxyHandle
     mocks: dict[str, RunningMock]
     session: aiohttp.ClientSession
+    faults_set: bool = False
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_SECONDS)
@@ -95,7 +96,22 @@ class Stack:
 
     def failing(self) -> bool:
         """Was any upstream told to fail (then a 5xx is the upstream's, not the request's)?"""
-        return False  # the fuzz tests set no faults; kept as the one place to say so
+        return self.faults_set
+
+    def fail_upstreams(self, spec: Mapping[str, Any]) -> None:
+        """Every upstream answers with the fault ``spec`` (the mock's control API) until heal()."""
+        self.faults_set = True
+        for mock in self.mocks.values():
+            self.call(mock.set_fault(dict(spec)))
+
+    def heal(self) -> None:
+        """Faults cleared and every breaker closed again: the next request is a normal one."""
+        for mock in self.mocks.values():
+            mock.control.clear_faults()  # a plain method: nothing of the loop's to wait on
+        reply = self.request("POST", "/api/circuit-breaker/reset-all", admin=True)
+        if reply.status != 200:
+            raise RuntimeError(f"reset-all answered {reply.status}: {reply.body!r}")
+        self.faults_set = False
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from tests.fuzz.strategies import (
 )
 from tests.openapi import validate, validate_payloads
 
-EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "400"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -156,6 +156,32 @@ def test_gets(stack: Stack, path: str, headers: dict[str, str], admin: bool) -> 
     assert reply.status < 500 or path == "/readyz", reply
     if reply.status >= 400 and path != "/readyz":
         validate("ErrorResponse", orjson.loads(reply.body))
+
+
+FAULTS = (
+    {"kind": "status", "status": 500},
+    {"kind": "status", "status": 503},
+    {"kind": "error_event"},
+    {"kind": "cut_stream"},
+)
+
+
+@pytest.mark.parametrize(
+    "fault", FAULTS, ids=[f["kind"] + str(f.get("status", "")) for f in FAULTS]
+)
+def test_chat_against_failing_upstreams(stack: Stack, fault: dict[str, Any]) -> None:
+    """With every upstream told to fail, a 5xx is allowed; its shape is still OpenAI's."""
+
+    @settings(FUZZ, max_examples=max(1, EXAMPLES // 10))
+    @given(body=CHAT_BODY)
+    def fuzz(body: dict[str, Any]) -> None:
+        post(stack, "/v1/chat/completions", body)
+
+    stack.fail_upstreams(fault)
+    try:
+        fuzz()
+    finally:
+        stack.heal()
 
 
 @pytest.mark.parametrize("model", [*CHAT_MODELS, *EMBEDDING_MODELS])
