@@ -158,7 +158,7 @@ def test_gets(stack: Stack, path: str, headers: dict[str, str], admin: bool) -> 
         validate("ErrorResponse", orjson.loads(reply.body))
 
 
-FAULTS = (
+FAULTS: tuple[dict[str, Any], ...] = (
     {"kind": "status", "status": 500},
     {"kind": "status", "status": 503},
     {"kind": "error_event"},
@@ -166,9 +166,7 @@ FAULTS = (
 )
 
 
-@pytest.mark.parametrize(
-    "fault", FAULTS, ids=[f["kind"] + str(f.get("status", "")) for f in FAULTS]
-)
+@pytest.mark.parametrize("fault", FAULTS, ids=[f"{f['kind']}{f.get('status', '')}" for f in FAULTS])
 def test_chat_against_failing_upstreams(stack: Stack, fault: dict[str, Any]) -> None:
     """With every upstream told to fail, a 5xx is allowed; its shape is still OpenAI's."""
 
