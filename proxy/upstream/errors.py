@@ -18,7 +18,7 @@ sees. Nothing else in the proxy translates transport errors (docs/upstream.md):
     │       └── BodyTooLarge
     └── LocalFailure               the proxy's own resources: no outcome (``local``), 503
         ├── PoolExhausted          no free connection to the host within the connect timeout
-        └── LocalResourceError     EMFILE, ENFILE, ENOBUFS, ENOMEM opening a socket
+        └── LocalResourceError     EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL opening a socket
 
 A local failure never counts against an upstream's breaker: the upstream did
 nothing wrong, and opening its breaker would turn our own overload into an
@@ -38,7 +38,11 @@ from proxy.core.outcome import Outcome
 from proxy.core.sse import EventTooLarge as SSEEventTooLarge
 
 # errno values that mean the proxy itself ran out of something, not that the peer failed.
-LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Out of descriptors, buffers, memory or ephemeral ports: this process's (or host's) limits,
+# never a sign that the upstream is down.
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 
 class TransportError(Exception):
