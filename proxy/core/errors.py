@@ -6,7 +6,10 @@ status and the OpenAI ``error.type`` the SDKs expect, so the middleware in
 
     ProxyError                      500 server_error
     ├── InvalidRequest              400 invalid_request_error
-    │   └── UnsupportedParameter    400 invalid_request_error (code unsupported_parameter)
+    │   ├── UnsupportedParameter    400 invalid_request_error (code unsupported_parameter)
+    │   ├── RequestTimeout          408 invalid_request_error (client stopped sending)
+    │   ├── ExpectationFailed       417 invalid_request_error (an Expect other than 100-continue)
+    │   └── HeadersTooLarge         431 invalid_request_error (header line or count over limit)
     ├── AuthenticationFailed        401 authentication_error
     ├── PermissionDenied            403 permission_error
     ├── ModelNotFound               404 invalid_request_error (code model_not_found)
@@ -20,7 +23,7 @@ status and the OpenAI ``error.type`` the SDKs expect, so the middleware in
     ├── UpstreamTimeout             504 server_error   (a per-phase timeout fired)
     └── UpstreamHTTPError           the upstream's own status and body, passed through
 
-Upstream transport errors are mapped to this tree in ``forward`` only.
+Upstream transport errors are mapped to this tree in one place: ``proxy.upstream.errors``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,27 @@ class InvalidRequest(ProxyError):
 
 class UnsupportedParameter(InvalidRequest):
     default_code = "unsupported_parameter"
+
+
+class RequestTimeout(InvalidRequest):
+    """The client stopped sending in the middle of a request (RFC 9110 section 15.5.9)."""
+
+    status = 408
+    default_code = "request_timeout"
+
+
+class HeadersTooLarge(InvalidRequest):
+    """A header line over the limit, or too many headers (RFC 6585 section 5)."""
+
+    status = 431
+    default_code = "request_header_fields_too_large"
+
+
+class ExpectationFailed(InvalidRequest):
+    """An ``Expect`` other than ``100-continue`` (RFC 9110 section 10.1.1)."""
+
+    status = 417
+    default_code = "expectation_failed"
 
 
 class AuthenticationFailed(ProxyError):

@@ -42,34 +42,21 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.core.errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamTimeout
+from proxy.core.errors import (
+    ExpectationFailed,
+    HeadersTooLarge,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    UpstreamTimeout,
+)
 from proxy.server.api import ExpectHandler, request_id
 
 LOG = logging.getLogger("cb_proxy")
 
 # Phases of a connection, for its one deadline.
 _IDLE, _HEADERS, _BODY = 0, 1, 2
-
-
-class RequestTimeout(InvalidRequest):
-    """The client stopped sending in the middle of a request (RFC 9110 section 15.5.9)."""
-
-    status = 408
-    default_code = "request_timeout"
-
-
-class HeadersTooLarge(InvalidRequest):
-    """A header line over the limit, or too many headers (RFC 6585 section 5)."""
-
-    status = 431
-    default_code = "request_header_fields_too_large"
-
-
-class ExpectationFailed(InvalidRequest):
-    """An ``Expect`` other than ``100-continue`` (RFC 9110 section 10.1.1)."""
-
-    status = 417
-    default_code = "expectation_failed"
 
 
 @dataclass(frozen=True, slots=True)
