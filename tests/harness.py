@@ -23,6 +23,22 @@ from proxy.server.state import ProxyState
 
 LOOPBACK_ANY_PORT = HostPort("127.0.0.1", 0)
 
+# The models and defaults of a two-provider rules file (providers ``primary`` and ``backup``),
+# as a ``str.format`` template tail: ``pair`` fails over from primary to backup, ``solo`` has
+# only the primary. No same-deployment retry, so each test can count what an upstream gets.
+PRIMARY_BACKUP_MODELS = """models:
+  pair:
+    deployments:
+      - {{provider: primary}}
+      - {{provider: backup}}
+  solo:
+    provider: primary
+defaults:
+  strategy: cost_optimized  # equal prices: the declared order, primary first
+  retry: {{max_attempts: 4, same_deployment_retries: 0, max_retry_wait: 1,
+           backoff_ms: 1, max_backoff_ms: 2}}
+"""
+
 
 @dataclass
 class ProxyHandle:

@@ -47,7 +47,7 @@ from proxy.server.state import ProxyState, provider_keys
 from proxy.upstream.client import Disconnected, UpstreamPool, _request_head
 from tests.fakes.raw import Handler, Peer, RawUpstream, ok
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
-from tests.harness import ProxyHandle, running_proxy, write_rules
+from tests.harness import PRIMARY_BACKUP_MODELS, ProxyHandle, running_proxy, write_rules
 
 KEY = "sk-hardening-SECRET-0123456789"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
@@ -56,7 +56,8 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 WAIT = 10.0  # bound on anything a test awaits that should come at once
 CHAT_PATH = "/v1/chat/completions"
 
-RULES = """
+RULES = (
+    """
 version: 1
 providers:
   primary:
@@ -70,19 +71,9 @@ providers:
     base_url: {backup}/v1
     timeouts: {{connect: 2, first_token: 5, idle: 5, total: 30}}
     breaker: {{failure_threshold: 3, min_throughput: 1000, open_seconds: 30}}
-models:
-  pair:
-    deployments:
-      - {{provider: primary}}
-      - {{provider: backup}}
-  solo:
-    provider: primary
-defaults:
-  strategy: cost_optimized  # equal prices: the declared order, primary first
-  # No same-deployment retry: each test counts the requests an upstream gets.
-  retry: {{max_attempts: 4, same_deployment_retries: 0, max_retry_wait: 1,
-           backoff_ms: 1, max_backoff_ms: 2}}
 """
+    + PRIMARY_BACKUP_MODELS
+)
 
 
 @dataclass

@@ -29,9 +29,10 @@ import pytest
 from proxy.core.sse import EventSizeGuard, EventTooLarge, SSEParser
 from proxy.providers.openai import OpenAIStreamRelay
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
-from tests.harness import ProxyHandle, running_proxy, write_rules
+from tests.harness import PRIMARY_BACKUP_MODELS, ProxyHandle, running_proxy, write_rules
 
-RULES = """
+RULES = (
+    """
 version: 1
 providers:
   primary:
@@ -43,18 +44,9 @@ providers:
     type: openai
     base_url: {backup}/v1
     timeouts: {{connect: 2, first_token: 10, idle: 10, total: 30}}
-models:
-  pair:
-    deployments:
-      - {{provider: primary}}
-      - {{provider: backup}}
-  solo:
-    provider: primary
-defaults:
-  strategy: cost_optimized  # equal prices: the declared order, primary first
-  retry: {{max_attempts: 4, same_deployment_retries: 0, max_retry_wait: 1,
-           backoff_ms: 1, max_backoff_ms: 2}}
 """
+    + PRIMARY_BACKUP_MODELS
+)
 BODY = {"model": "solo", "messages": [{"role": "user", "content": "hi"}]}
 MiB = 1024 * 1024
 # An upstream that would send this much if nobody stopped it: the same 64 KiB block, so the

@@ -36,10 +36,11 @@ from proxy.config.settings import SettingsError, derived_max_in_flight, load_set
 from proxy.core.breaker import STALL_FRACTION, State
 from proxy.server.admission import NO_UPSTREAM, OVERLOADED, raise_fd_limit
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
-from tests.harness import ProxyHandle, running_proxy, write_rules
+from tests.harness import PRIMARY_BACKUP_MODELS, ProxyHandle, running_proxy, write_rules
 from tests.metrics import Scrape
 
-RULES = """
+RULES = (
+    """
 version: 1
 providers:
   primary:
@@ -52,18 +53,9 @@ providers:
     base_url: {backup}/v1
     timeouts: {{connect: 2, first_token: 10, idle: 10, total: 30}}
     breaker: {{failure_threshold: 1, open_seconds: 30}}
-models:
-  pair:
-    deployments:
-      - {{provider: primary}}
-      - {{provider: backup}}
-  solo:
-    provider: primary
-defaults:
-  strategy: cost_optimized  # equal prices: the declared order, primary first
-  retry: {{max_attempts: 4, same_deployment_retries: 0, max_retry_wait: 1,
-           backoff_ms: 1, max_backoff_ms: 2}}
 """
+    + PRIMARY_BACKUP_MODELS
+)
 SOLO = {"model": "solo", "messages": [{"role": "user", "content": "hi"}]}
 PAIR = {**SOLO, "model": "pair"}
 CONTENT = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
