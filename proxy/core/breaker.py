@@ -47,6 +47,15 @@ Invariants, true between any two calls:
     tracked attempt (their results are late, invariant 4). A trip caused by
     stale attempts is not undone when they later succeed: the open period runs
     out and probes decide, as after any trip. ``0 <= stalled_streak <= stalled``.
+11. The two trip rules in closed (docs/breaker.md, 'Opening rules'): the
+    consecutive rule opens when ``failure_threshold`` failures follow one another;
+    the rate rule opens when the window holds at least ``min_throughput`` calls,
+    at least ``failure_threshold`` of them failures, and the failure ratio reaches
+    ``failure_rate``. So no breaker opens on fewer than ``failure_threshold``
+    failures: ``CircuitBreakerConfig(failure_threshold=3, min_throughput=1)`` opens
+    on the third consecutive failure, not the first. With ``failure_threshold=0``
+    (consecutive rule off) the rate rule needs only ``min_throughput`` calls. The
+    slow-call rule is a ratio of slow calls and needs only ``min_throughput``.
 """
 
 from __future__ import annotations
@@ -488,6 +497,20 @@ class CircuitBreaker:
         return self._state
 
     @property
+    def is_open(self) -> bool:
+        """Rejecting calls: ``open`` or ``forced_open`` (half-open lets probes through)."""
+        return self.state in (State.OPEN, State.FORCED_OPEN)
+
+    @property
+    def is_closed(self) -> bool:
+        """``closed``: every call is granted and counted (``disabled`` is not closed)."""
+        return self.state is State.CLOSED
+
+    @property
+    def is_half_open(self) -> bool:
+        return self.state is State.HALF_OPEN
+
+    @property
     def mode(self) -> Mode:
         return self._mode
 
@@ -683,7 +706,9 @@ class CircuitBreaker:
         calls = window.calls + self._stalled
         if calls < config.min_throughput:
             return False
-        if (window.failures + self._stalled) / calls >= config.failure_rate:
+        failures = window.failures + self._stalled
+        # The rate rule never opens on fewer failures than failure_threshold (invariant 11).
+        if failures >= threshold and failures / calls >= config.failure_rate:
             return True
         return (
             config.slow_call_ms > 0
@@ -772,8 +797,13 @@ def _capped(retry_after: float) -> float:
 
 
 class BreakerRegistry:
-    """The breakers by upstream name, created on first use with their configured settings.
+    """The breakers by name. Creation is explicit; ``get`` only looks up.
 
+    ``get(name)`` is the breaker or None; ``get_or_create(name, config=None)`` returns
+    the existing one or creates it; ``create(name, config=None)`` creates and raises
+    ValueError if the name is taken. A breaker created without a config takes the
+    registry's settings for its name (defaults and per-name overrides, which a
+    ``configure`` re-applies); one created with a config keeps that config.
     ``first_token_seconds`` gives each upstream's first-token timeout, from which its
     stall threshold is derived (``CircuitBreakerConfig.stall_seconds``).
     """
@@ -795,8 +825,12 @@ class BreakerRegistry:
         self._rng = rng if rng is not None else random.Random()
         self.on_transition = on_transition  # may be bound after the breakers exist
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._explicit: dict[str, CircuitBreakerConfig] = {}  # configs given at creation
 
     def config_for(self, name: str) -> CircuitBreakerConfig:
+        explicit = self._explicit.get(name)
+        if explicit is not None:
+            return explicit
         override = self._overrides.get(name)
         config = self._default if override is None else self._default.with_overrides(override)
         first_token = self._first_token.get(name)
@@ -810,17 +844,31 @@ class BreakerRegistry:
         for breaker in self._breakers.values():
             breaker._clock = clock
 
-    def get(self, name: str) -> CircuitBreaker:
+    def get(self, name: str) -> CircuitBreaker | None:
+        """The breaker called ``name``, or None if none was created."""
+        return self._breakers.get(name)
+
+    def get_or_create(
+        self, name: str, config: CircuitBreakerConfig | None = None
+    ) -> CircuitBreaker:
+        """The breaker called ``name``; created first if missing (``config`` is used only then)."""
         breaker = self._breakers.get(name)
-        if breaker is None:
-            breaker = CircuitBreaker(
-                name,
-                self.config_for(name),
-                clock=self._clock,
-                rng=self._rng,
-                on_transition=self._emit,
-            )
-            self._breakers[name] = breaker
+        return breaker if breaker is not None else self.create(name, config)
+
+    def create(self, name: str, config: CircuitBreakerConfig | None = None) -> CircuitBreaker:
+        """A new breaker called ``name``; ValueError if one exists."""
+        if name in self._breakers:
+            raise ValueError(f"circuit breaker {name!r} already exists")
+        if config is not None:
+            self._explicit[name] = config
+        breaker = CircuitBreaker(
+            name,
+            self.config_for(name),
+            clock=self._clock,
+            rng=self._rng,
+            on_transition=self._emit,
+        )
+        self._breakers[name] = breaker
         return breaker
 
     def get_all(self) -> dict[str, CircuitBreaker]:

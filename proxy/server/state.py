@@ -143,7 +143,7 @@ class ProxyState:
         # Every upstream gets its breaker (and its gauges) at load, not at first use,
         # so dashboards and alerts see idle upstreams too.
         for name in self.rules.providers:
-            self.breakers.get(name)
+            self.breakers.get_or_create(name)
         self._init_series()
 
     def _init_series(self) -> None:
@@ -167,7 +167,7 @@ class ProxyState:
         LOG.warning("breaker %s: %s -> %s", name, source.value, target.value)
 
     def breaker(self, provider: str) -> CircuitBreaker:
-        return self.breakers.get(provider)
+        return self.breakers.get_or_create(provider)
 
     def swap_rules(self, rules: RuleSet) -> None:
         keys = provider_keys(rules, self.settings.environ)
@@ -186,7 +186,7 @@ class ProxyState:
         return provider.api_key_env is None or self.keys.get(provider.name) is not None
 
     def is_blocked(self, deployment: Deployment) -> bool:
-        return not self.breakers.get(deployment.provider).can_permit()
+        return not self.breakers.get_or_create(deployment.provider).can_permit()
 
     def record_attempt(
         self, provider: Provider, model: str, outcome: str, seconds: float, ttft: float | None
@@ -256,12 +256,12 @@ class ProxyState:
 
     def latency_ms(self, deployment: Deployment) -> float | None:
         """Routing (LiveView): the upstream's live p95 in ms; None until measured."""
-        p95 = self.breakers.get(deployment.provider).latency_p95_ms()
+        p95 = self.breakers.get_or_create(deployment.provider).latency_p95_ms()
         return p95 if p95 >= 0 else None
 
     def success_ratio(self, deployment: Deployment) -> float | None:
         """Routing (LiveView): success share in the breaker window; None until the window
         holds ``min_throughput`` calls, the sample the breaker itself judges a rate on
         (a single early failure must not reorder deployments)."""
-        rate = self.breakers.get(deployment.provider).error_rate()
+        rate = self.breakers.get_or_create(deployment.provider).error_rate()
         return 1.0 - rate if rate >= 0 else None

@@ -155,7 +155,7 @@ def test_the_package_root_is_the_breaker_library_and_loads_no_shell() -> None:
 
     code = (
         "import sys; from proxy import CircuitBreaker, CircuitBreakerConfig, registry; "
-        "b = registry.get('svc'); assert isinstance(b, CircuitBreaker); "
+        "b = registry.get_or_create('svc'); assert isinstance(b, CircuitBreaker); "
         "print(sorted(m for m in ('aiohttp', 'prometheus_client', 'yaml') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -663,7 +663,7 @@ def test_29_exported_gauges_and_counters_agree_at_every_step() -> None:
 
     breakers.on_transition = on_transition
     metrics.bind_breakers(breakers)
-    breaker = breakers.get("up")
+    breaker = breakers.get_or_create("up")
 
     def check() -> None:
         sample = metrics.registry.get_sample_value
@@ -835,8 +835,8 @@ def test_registry_creates_on_demand_with_overrides_and_resets_all() -> None:
         clock=clock,
     )
     assert breakers.breaker_gauges() == []
-    openai, anthropic = breakers.get("openai"), breakers.get("anthropic")
-    assert breakers.get("openai") is openai
+    openai, anthropic = breakers.get_or_create("openai"), breakers.get_or_create("anthropic")
+    assert breakers.get_or_create("openai") is openai
     assert (openai.config.failure_threshold, anthropic.config.failure_threshold) == (4, 1)
     report(anthropic, Outcome.FAILURE)
     # one failure opened it; the rate stays -1 below min_throughput (10 by default)
@@ -846,6 +846,84 @@ def test_registry_creates_on_demand_with_overrides_and_resets_all() -> None:
     assert state(anthropic) is State.CLOSED
     breakers.configure(CircuitBreakerConfig(failure_threshold=2), {})
     assert anthropic.config.failure_threshold == 2
+
+
+def test_registry_get_only_looks_up_and_creation_is_explicit() -> None:
+    breakers = BreakerRegistry(CircuitBreakerConfig(failure_threshold=4), clock=FakeClock())
+    assert breakers.get("svc") is None
+    assert breakers.get_all() == {}  # a lookup created nothing
+    own = CircuitBreakerConfig(failure_threshold=2, jitter=0.0)
+    svc = breakers.get_or_create("svc", config=own)
+    assert breakers.get("svc") is svc
+    assert breakers.get_or_create("svc") is svc
+    assert svc.config is own
+    with pytest.raises(ValueError, match="already exists"):
+        breakers.create("svc")
+    other = breakers.create("other")
+    assert other.config.failure_threshold == 4
+    breakers.configure(CircuitBreakerConfig(failure_threshold=7), {})
+    # a config given at creation stays; the registry's settings apply to the others
+    assert (svc.config.failure_threshold, other.config.failure_threshold) == (2, 7)
+
+
+def test_state_predicates_follow_the_state() -> None:
+    clock = FakeClock()
+    breaker = make(clock, failure_threshold=1, open_seconds=10, max_open_seconds=10)
+    assert (breaker.is_closed, breaker.is_open, breaker.is_half_open) == (True, False, False)
+    report(breaker, Outcome.FAILURE)
+    assert (breaker.is_closed, breaker.is_open, breaker.is_half_open) == (False, True, False)
+    clock.advance(10)
+    assert (breaker.is_closed, breaker.is_open, breaker.is_half_open) == (False, False, True)
+    breaker.force_open()
+    assert breaker.is_open
+    breaker.disable()
+    assert (breaker.is_closed, breaker.is_open, breaker.is_half_open) == (False, False, False)
+
+
+def test_failure_threshold_three_with_min_throughput_one_opens_on_the_third_failure() -> None:
+    clock, seen = FakeClock(), Transitions()
+    breaker = make(clock, seen, failure_threshold=3, min_throughput=1)
+    report(breaker, Outcome.FAILURE, 2)
+    assert state(breaker) is State.CLOSED  # the ratio is 1.0, but only two failures
+    report(breaker, Outcome.FAILURE)
+    assert state(breaker) is State.OPEN
+    assert seen.pairs == [(State.CLOSED, State.OPEN)]
+
+
+def test_the_rate_rule_needs_failure_threshold_failures_in_the_window() -> None:
+    clock = FakeClock()
+    breaker = make(clock, failure_threshold=3, min_throughput=1, failure_rate=0.5)
+    for outcome in [Outcome.FAILURE, Outcome.SUCCESS, Outcome.FAILURE, Outcome.SUCCESS]:
+        report(breaker, outcome)
+        assert state(breaker) is State.CLOSED  # never more than two failures
+    report(breaker, Outcome.FAILURE)  # 3 of 5 failed, none consecutive beyond one
+    assert state(breaker) is State.OPEN
+
+
+def test_with_the_consecutive_rule_off_the_rate_rule_needs_only_min_throughput() -> None:
+    clock = FakeClock()
+    breaker = make(clock, failure_threshold=0, min_throughput=1)
+    report(breaker, Outcome.FAILURE)
+    assert state(breaker) is State.OPEN
+
+
+async def test_the_guide_call_sequence_opens_on_the_third_of_five_failures() -> None:
+    breaker = CircuitBreaker(
+        "test", config=CircuitBreakerConfig(failure_threshold=3, min_throughput=1)
+    )
+
+    async def failing_call() -> None:
+        raise RuntimeError("Service down")
+
+    raised: list[type[BaseException]] = []
+    for _ in range(5):
+        try:
+            await breaker.call(failing_call)
+        except Exception as exc:  # the guide catches everything and prints the state
+            raised.append(type(exc))
+    assert raised == [RuntimeError] * 3 + [CircuitOpenError] * 2
+    assert breaker.state.value == "open"
+    assert breaker.get_metrics()["failures"] == 3
 
 
 def test_p95_reads_the_window_within_five_percent() -> None:

@@ -70,11 +70,11 @@ def test_registry_derives_each_upstream_threshold_from_its_first_token_timeout()
         {"b": BreakerOverrides(slow_call_ms=400)},
         first_token_seconds={"a": 10.0, "b": 10.0},
     )
-    assert registry.get("a").config.stall_seconds == 10.0 * STALL_FRACTION
-    assert registry.get("b").config.stall_seconds == 0.4
-    assert registry.get("c").config.stall_seconds == 0  # no timeout known
+    assert registry.get_or_create("a").config.stall_seconds == 10.0 * STALL_FRACTION
+    assert registry.get_or_create("b").config.stall_seconds == 0.4
+    assert registry.get_or_create("c").config.stall_seconds == 0  # no timeout known
     registry.configure(CircuitBreakerConfig(), {}, {"a": 2.0})
-    assert registry.get("a").config.stall_seconds == 2.0 * STALL_FRACTION
+    assert registry.get_or_create("a").config.stall_seconds == 2.0 * STALL_FRACTION
 
 
 def test_a_stalled_upstream_opens_after_threshold_stuck_attempts_not_a_timeout() -> None:
