@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -25,6 +24,7 @@ from proxy.core.secrets import Redactor
 from proxy.core.usage import estimate_tokens
 from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, Usage
 from proxy.server.state import ProxyState
+from proxy.upstream.client import Response
 
 # The attempt metric's outcome label for a local failure (beside the breaker's outcomes).
 LOCAL_FAILURE = "local_failure"
@@ -185,9 +185,13 @@ def metadata(ex: Exchange, attempt: Attempt, cost: float) -> JSONDict:
     }
 
 
-def relayed_headers(upstream: Mapping[str, str], redactor: Redactor) -> dict[str, str]:
-    """The upstream headers clients read, with any provider key in them redacted."""
-    relayed = {k: v for k, v in upstream.items() if k.lower().startswith(RELAYED_PREFIXES)}
+def relayed_headers(upstream: Response, redactor: Redactor) -> dict[str, str]:
+    """The upstream headers clients read, with any provider key in them redacted.
+
+    Picked from the response's raw head (``headers_with_prefix``): no mapping of all of
+    its headers is built for the few that are relayed.
+    """
+    relayed = upstream.headers_with_prefix(RELAYED_PREFIXES)
     return redactor.redact_headers(relayed) if relayed and redactor else relayed
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -377,7 +377,7 @@ async def _send(
                     )
                     obj = _reply_object(ex, attempt, raw)
                     attempt.finish(ex, Outcome.SUCCESS)  # before the headers read its state
-                    return _plain_response(ex, attempt, resp.headers, raw, obj)
+                    return _plain_response(ex, attempt, resp, raw, obj)
                 return await stream(ex, attempt, resp, deadline, total_deadline)
     except UPSTREAM_ERRORS as exc:
         # Transport failures become outcomes and client errors in one place (proxy.upstream.errors).
@@ -482,7 +482,7 @@ def _reply_object(ex: Exchange, attempt: Attempt, raw: bytes) -> JSONDict:
 def _plain_response(
     ex: Exchange,
     attempt: Attempt,
-    upstream_headers: Mapping[str, str],
+    resp: Response,
     raw: bytes,
     obj: JSONDict,
 ) -> web.Response:
@@ -490,7 +490,7 @@ def _plain_response(
     usage = parse_usage(obj)
     cost = account(ex, cand, usage, 0 if usage is not None else reply_chars(obj))
     headers = base_headers(ex, attempt)
-    headers.update(relayed_headers(upstream_headers, ex.state.redactor))
+    headers.update(relayed_headers(resp, ex.state.redactor))
     headers["x-cb-cost-usd"] = f"{cost:.8f}"
     if ex.usage_estimated:
         headers["x-cb-usage-estimated"] = "true"

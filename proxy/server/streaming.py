@@ -179,19 +179,28 @@ async def stream(
             client_error(exc.info), exc.info.outcome, exc.info, transient=exc.info.transient
         ) from None
     pending = b"".join(held)
+    del held  # the pre-commit chunks: only their join is written
     attempt.first_token()
 
     # Commit: the client gets a 200 and there is no failover from here on.
     deadline.reschedule(None)
-    headers = base_headers(ex, attempt)
-    headers.update(relayed_headers(resp.headers, ex.state.redactor))
-    out = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    # The request body is not read again (usage estimates use plan.prompt_tokens): a long
+    # stream does not keep the parsed prompt alive.
+    ex.body = {}
+    # One header mapping, the response's own; nothing else holds a copy for the stream's life.
+    out = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    out.headers.update(base_headers(ex, attempt))
+    out.headers.update(relayed_headers(resp, ex.state.redactor))
     try:
         try:
             await out.prepare(ex.request)
+            if pending:
+                # Only whole events reach here (docs/architecture.md, "Secrets").
+                await out.write(ex.state.redactor.redact_success(pending))
         except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone(str(exc)) from exc
-        outcome = await relay_rest(ex, attempt, relay, resp, out, pending, total_deadline)
+        pending = b""  # written: not held for the rest of the stream
+        outcome = await relay_rest(ex, attempt, relay, resp, out, total_deadline)
     except ClientGone:
         LOG.info("request %s: the client went away mid-stream", ex.request_id)
         outcome = Outcome.IGNORED
@@ -228,7 +237,6 @@ async def relay_rest(
     relay: StreamRelay,
     resp: Response,
     out: web.StreamResponse,
-    pending: bytes,
     total_deadline: float,
 ) -> Outcome:
     """Relay the committed stream to its end; the outcome is the upstream's."""
@@ -238,8 +246,6 @@ async def relay_rest(
     # Only whole events reach here, so a key an upstream echoes inside one is in one write
     # (docs/architecture.md, "Secrets": a find per key; the full scan only on a hit).
     redact = ex.state.redactor.redact_success
-    if pending:
-        await write(out, redact(pending))
     failed: JSONDict | None = None
     try:
         # One timer for the rest of the stream, pushed forward at every chunk (idle gap).
@@ -256,9 +262,11 @@ async def relay_rest(
                 if data:
                     # A client slow to take the data is not an upstream stall: only the total
                     # deadline runs while writing (the upstream is paused by backpressure).
-                    gap.reschedule(total_deadline)
+                    gap.when = total_deadline
                     await write(out, redact(data))
-                gap.reschedule(min(loop.time() + idle, total_deadline))
+                # The idle gap from now (Guard.reschedule inlined: this runs per chunk).
+                when = loop.time() + idle
+                gap.when = when if when < total_deadline else total_deadline
     except StreamError as exc:
         failed = exc.info.body
     except UPSTREAM_ERRORS as exc:
