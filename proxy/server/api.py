@@ -22,6 +22,7 @@ from proxy.core.errors import InvalidRequest, PayloadTooLarge
 from proxy.core.explain import plan_log_fields
 from proxy.core.prefs import EXTENSION_KEY, parse_prefs, routing_inputs
 from proxy.core.router import RoutePlan, plan_route
+from proxy.providers.anthropic_inbound import ANTHROPIC_VERSION_HEADER, models_list
 from proxy.providers.base import Endpoint, JSONDict
 from proxy.server.forward import Exchange, serve
 from proxy.server.state import REQUEST_INFO, ProxyState
@@ -273,8 +274,10 @@ def models_payload(state: ProxyState) -> JSONDict:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.Response(body=orjson.dumps(models_payload(state)), content_type="application/json")
+    payload = models_payload(request.app[STATE])
+    if ANTHROPIC_VERSION_HEADER in request.headers:  # an Anthropic SDK: its list shape
+        payload = models_list(payload)
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
 def add_routes(

@@ -28,7 +28,7 @@ from proxy.core.errors import (
     ProxyError,
     UpstreamHTTPError,
 )
-from proxy.server import admin, admission, api, health
+from proxy.server import admin, admission, api, health, messages
 from proxy.server.api import STATE, request_id
 from proxy.server.connections import expect_handler
 from proxy.server.drain import DRAIN, Drain, shutting_down
@@ -332,6 +332,7 @@ def create_app(state: ProxyState) -> web.Application:
     app[DRAIN] = Drain()
     expect = expect_handler(state.settings.max_body_bytes)
     api.add_routes(app, wrap=openai_errors, expect=expect)
+    messages.add_routes(app, wrap=openai_errors, expect=expect)  # Anthropic SDK apps
     admin.add_routes(app, api_port=True, wrap=openai_errors, expect=expect)
     resources = list(app.router.resources())
     app[KNOWN_PATHS] = (

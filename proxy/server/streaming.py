@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -113,6 +114,10 @@ class StreamRelay:
             raise unreadable(exc) from exc
         return b""
 
+    def error_frame(self, error: JSONDict) -> bytes:
+        """The in-band error event that ends a committed stream."""
+        return error_frame(error)
+
     @property
     def has_content(self) -> bool:
         if self._relay is not None:
@@ -133,6 +138,11 @@ class StreamRelay:
         if self._relay is not None:
             return self._relay.usage
         return self._translator.usage if self._translator is not None else None
+
+
+# A client of another wire format (proxy.server.messages, Anthropic SDK apps) re-encodes what
+# the relay writes: set on the request, it wraps the stream's relay.
+REFRAME: web.RequestKey[Callable[[StreamRelay], StreamRelay]] = web.RequestKey("cb_reframe")
 
 
 async def write(out: web.StreamResponse, data: bytes) -> None:
@@ -162,6 +172,9 @@ async def stream(
             ),
             max_event,
         )
+    reframe = ex.request.get(REFRAME)
+    if reframe is not None:
+        relay = reframe(relay)
 
     # Phase 1: hold everything until the first content event; failures here fail over.
     # The caller's deadline (first token) applies; its TimeoutError is handled there, and so
@@ -279,7 +292,7 @@ async def relay_rest(
         failed = failure(exc, cand.deployment.key, doing=doing).error.to_dict()
     if failed is not None:
         # Never a silent truncated 200: one in-band error event (no key in it), then the end.
-        await write(out, error_frame(ex.state.redactor.redact_json(failed)))
+        await write(out, relay.error_frame(ex.state.redactor.redact_json(failed)))
     try:
         await out.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:

@@ -1,0 +1,377 @@
+"""Anthropic SDK apps through the proxy: ``POST /v1/messages`` (plain and streamed),
+``/v1/messages/count_tokens`` and ``GET /v1/models``, seen by the official ``anthropic`` SDK.
+
+The app changes only ``base_url`` (``api_key="not-needed"``); each test runs against an
+Anthropic-, an OpenAI- and a Gemini-format upstream (the mocks), so the reply is
+translated back to Anthropic's shape from all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import orjson
+import pytest
+from anthropic import AsyncAnthropic
+from anthropic.types import MessageParam, ToolParam
+
+from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
+from tests.harness import ProxyHandle, running_proxy, write_rules
+
+RULES = """
+version: 1
+providers:
+  oai:
+    type: openai
+    base_url: {openai}/v1
+    api_key_env: OPENAI_API_KEY
+    timeouts: {{connect: 2, first_token: 3, idle: 3, total: 30}}
+  claude:
+    type: anthropic
+    base_url: {anthropic}
+    api_key_env: ANTHROPIC_API_KEY
+    timeouts: {{connect: 2, first_token: 3, idle: 3, total: 30}}
+  gem:
+    type: gemini
+    base_url: {gemini}
+    api_key_env: GEMINI_API_KEY
+    timeouts: {{connect: 2, first_token: 3, idle: 3, total: 30}}
+models:
+  claude-3-5-haiku:
+    provider: claude
+    upstream_model: claude-3-5-haiku-latest
+    input_cost_per_1k: 0.0008
+    output_cost_per_1k: 0.004
+  gpt-4o-mini:
+    provider: oai
+    input_cost_per_1k: 0.00015
+    output_cost_per_1k: 0.0006
+  gemini-2.0-flash:
+    provider: gem
+    input_cost_per_1k: 0.0001
+    output_cost_per_1k: 0.0004
+  claude-with-backup:
+    deployments:
+      - {{provider: claude, upstream_model: claude-3-5-haiku-latest}}
+      - {{provider: oai, upstream_model: gpt-4o-mini}}
+defaults:
+  strategy: cost_optimized
+  retry: {{max_attempts: 4, same_deployment_retries: 0}}
+"""
+KEYS = {"ANTHROPIC_API_KEY": "sk-ant-test", "GEMINI_API_KEY": "gm-test", "OPENAI_API_KEY": "sk-oa"}
+MODELS = ("claude-3-5-haiku", "gpt-4o-mini", "gemini-2.0-flash")
+HELLO: list[MessageParam] = [{"role": "user", "content": "hello from the app"}]
+TOOLS: list[ToolParam] = [
+    {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    }
+]
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8/5+hHgAHggJ/"
+    "PchI7wAAAABJRU5ErkJggg=="
+)
+
+
+@dataclass
+class Trio:
+    proxy: ProxyHandle
+    openai: RunningMock
+    anthropic: RunningMock
+    gemini: RunningMock
+    sdk: AsyncAnthropic
+
+    def mock_for(self, model: str) -> RunningMock:
+        if model.startswith("claude"):
+            return self.anthropic
+        return self.gemini if model.startswith("gemini") else self.openai
+
+
+@pytest.fixture
+async def trio(tmp_path: Path) -> AsyncIterator[Trio]:
+    async with (
+        running_mock("openai", name="openai", require_key="sk-oa") as oa,
+        running_mock("anthropic", name="anthropic", require_key="sk-ant-test") as an,
+        running_mock("gemini", name="gemini", require_key="gm-test") as ge,
+    ):
+        path = write_rules(tmp_path, RULES.format(openai=oa.url, anthropic=an.url, gemini=ge.url))
+        async with (
+            running_proxy(path, environ=KEYS) as proxy,
+            AsyncAnthropic(base_url=proxy.api_url, api_key="not-needed", max_retries=0) as sdk,
+        ):
+            yield Trio(proxy, oa, an, ge, sdk)
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_plain_message(trio: Trio, model: str) -> None:
+    raw = await trio.sdk.messages.with_raw_response.create(
+        model=model,
+        max_tokens=256,
+        system=[{"type": "text", "text": "Be brief."}],
+        messages=HELLO,
+        # Sampling fields this SDK release no longer declares still ride in the body.
+        extra_body={"temperature": 0.5, "top_p": 0.9, "top_k": 40},
+        stop_sequences=["\n\nHuman:"],
+        metadata={"user_id": "user-1"},
+    )
+    message = await raw.parse()
+    assert message.type == "message"
+    assert message.role == "assistant"
+    assert message.model == model
+    assert message.id.startswith("msg_")
+    assert message.stop_reason == "end_turn"
+    assert message.content[0].type == "text"
+    assert message.content[0].text
+    assert message.usage.input_tokens > 0
+    assert message.usage.output_tokens > 0
+    assert raw.headers["x-cb-model"]
+    assert float(raw.headers["x-cb-cost-usd"]) > 0
+    # The client's key never reaches the upstream: the proxy's own is injected.
+    stats = trio.mock_for(model).stats()
+    assert stats["requests"] == 1
+    body = stats["last_body"]
+    assert "not-needed" not in orjson.dumps(body).decode()
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_stream_events_in_order(trio: Trio, model: str) -> None:
+    events: list[Any] = []
+    async with trio.sdk.messages.stream(model=model, max_tokens=256, messages=HELLO) as stream:
+        async for event in stream:
+            events.append(event)
+        final = await stream.get_final_message()
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start"
+    assert kinds[-1] == "message_stop"
+    assert "content_block_start" in kinds
+    assert "content_block_stop" in kinds
+    assert kinds[-2] == "message_delta"
+    # Every delta belongs to the block started last, and is closed once.
+    open_block: int | None = None
+    for event in events:
+        if event.type == "content_block_start":
+            assert open_block is None
+            open_block = event.index
+        elif event.type == "content_block_delta":
+            assert event.index == open_block
+        elif event.type == "content_block_stop":
+            assert event.index == open_block
+            open_block = None
+    assert open_block is None
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+    assert final.content[0].type == "text"
+    assert final.content[0].text == text
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens > 0
+    assert final.model == model
+
+
+async def test_stream_raw_wire_format(trio: Trio) -> None:
+    raw = await trio.sdk.messages.with_raw_response.create(
+        model="claude-3-5-haiku", max_tokens=64, messages=HELLO, stream=True
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    body = await raw.http_response.aread()
+    frames = [f for f in body.decode().split("\n\n") if f]
+    for frame in frames:
+        name, data = frame.split("\n")
+        assert name.startswith("event: ")
+        assert orjson.loads(data.removeprefix("data: "))["type"] == name.removeprefix("event: ")
+    assert frames[1].startswith("event: ping")
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_tool_use_round_trip(trio: Trio, model: str) -> None:
+    ask: list[MessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = await trio.sdk.messages.create(
+        model=model, max_tokens=256, messages=ask, tools=TOOLS, tool_choice={"type": "any"}
+    )
+    assert first.stop_reason == "tool_use"
+    calls = [b for b in first.content if b.type == "tool_use"]
+    assert calls
+    assert calls[0].name == "get_weather"
+    assert isinstance(calls[0].input, dict)
+    follow: list[Any] = [
+        *ask,
+        {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": calls[0].id, "content": "18 C, sunny"}
+            ],
+        },
+    ]
+    second = await trio.sdk.messages.create(
+        model=model, max_tokens=256, messages=follow, tools=TOOLS
+    )
+    assert second.stop_reason == "end_turn"
+    assert second.content[0].type == "text"
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_streamed_tool_use(trio: Trio, model: str) -> None:
+    ask: list[MessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    async with trio.sdk.messages.stream(
+        model=model,
+        max_tokens=256,
+        messages=ask,
+        tools=TOOLS,
+        tool_choice={"type": "tool", "name": "get_weather"},
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert "input_json" in kinds or any(k == "content_block_delta" for k in kinds)
+    calls = [b for b in final.content if b.type == "tool_use"]
+    assert len(calls) == 1
+    assert calls[0].name == "get_weather"
+    assert isinstance(calls[0].input, dict)
+    assert "city" in calls[0].input
+    assert final.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_images_reach_the_upstream(trio: Trio, model: str) -> None:
+    message = await trio.sdk.messages.create(
+        model=model,
+        max_tokens=64,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is in this picture?"},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                    },
+                ],
+            }
+        ],
+    )
+    assert message.content[0].type == "text"
+    assert PNG in orjson.dumps(trio.mock_for(model).stats()["last_body"]).decode()
+
+
+async def test_unknown_model_is_an_anthropic_error(trio: Trio) -> None:
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await trio.sdk.messages.create(model="no-such-model", max_tokens=8, messages=HELLO)
+    assert caught.value.status_code in (400, 404)
+    body: Any = caught.value.body
+    assert body["type"] == "error"
+    assert body["error"]["type"] in ("invalid_request_error", "not_found_error")
+
+
+async def test_missing_max_tokens_is_invalid_request(trio: Trio) -> None:
+    client = trio.sdk._client  # the SDK's own httpx client: a request the SDK would not send
+    resp = await client.post(
+        trio.proxy.api_url + "/v1/messages",
+        json={"model": "claude-3-5-haiku", "messages": HELLO},
+        headers={"anthropic-version": "2023-06-01"},
+    )
+    assert resp.status_code == 400
+    assert resp.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": resp.json()["error"]["message"]},
+    }
+    assert "max_tokens" in resp.json()["error"]["message"]
+
+
+async def test_upstream_overload_is_overloaded_error(trio: Trio) -> None:
+    await trio.anthropic.set_fault(kind="status", status=529)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await trio.sdk.messages.create(model="claude-3-5-haiku", max_tokens=8, messages=HELLO)
+    body: Any = caught.value.body
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "overloaded_error"
+
+
+async def test_failover_to_openai_format_keeps_anthropic_shape(trio: Trio) -> None:
+    await trio.anthropic.set_fault(kind="status", status=500)
+    raw = await trio.sdk.messages.with_raw_response.create(
+        model="claude-with-backup", max_tokens=64, messages=HELLO
+    )
+    assert raw.headers["x-cb-fallback"] == "true"
+    assert raw.headers["x-cb-provider"] == "oai"
+    assert (await raw.parse()).content[0].type == "text"
+
+
+async def test_routing_extension_in_header(trio: Trio) -> None:
+    raw = await trio.sdk.messages.with_raw_response.create(
+        model="claude-with-backup",
+        max_tokens=64,
+        messages=HELLO,
+        extra_headers={"x-cb-routing": '{"routing_strategy": "cost_optimized"}'},
+    )
+    assert "cost_optimized" in raw.headers["x-cb-route"]
+    bad = await trio.sdk._client.post(
+        trio.proxy.api_url + "/v1/messages",
+        content=orjson.dumps({"model": "claude-3-5-haiku", "max_tokens": 8, "messages": HELLO}),
+        headers={"x-cb-routing": "{not json", "content-type": "application/json"},
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["type"] == "invalid_request_error"
+
+
+COUNT_RULES = """
+version: 1
+providers:
+  claude:
+    type: anthropic
+    base_url: {url}
+    api_key_env: ANTHROPIC_API_KEY
+models:
+  claude-3-5-haiku:
+    provider: claude
+    upstream_model: claude-3-5-haiku-latest
+"""
+
+
+async def test_count_tokens_exact_on_anthropic(tmp_path: Path) -> None:
+    reply = RawReply(headers={"Content-Type": "application/json"}, chunks=[b'{"input_tokens":42}'])
+    async with RawStreamServer(reply) as upstream:
+        path = write_rules(tmp_path, COUNT_RULES.format(url=upstream.url))
+        async with (
+            running_proxy(path, environ=KEYS) as proxy,
+            AsyncAnthropic(base_url=proxy.api_url, api_key="not-needed", max_retries=0) as sdk,
+        ):
+            raw = await sdk.messages.with_raw_response.count_tokens(
+                model="claude-3-5-haiku", messages=HELLO, system="Be brief.", tools=TOOLS
+            )
+            assert (await raw.parse()).input_tokens == 42
+            assert "x-cb-usage-estimated" not in raw.headers
+    (request,) = upstream.requests
+    assert request.path == "/v1/messages/count_tokens"
+    head = request.head.decode().lower()
+    assert "x-api-key: sk-ant-test" in head
+    assert "not-needed" not in head  # the client's key is never forwarded
+    sent = orjson.loads(request.body)
+    assert sent["model"] == "claude-3-5-haiku-latest"
+    assert sent["system"] == "Be brief."
+    assert sent["tools"][0]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "gemini-2.0-flash"])
+async def test_count_tokens_estimated_elsewhere(trio: Trio, model: str) -> None:
+    raw = await trio.sdk.messages.with_raw_response.count_tokens(model=model, messages=HELLO)
+    assert (await raw.parse()).input_tokens > 0
+    assert raw.headers["x-cb-usage-estimated"] == "true"
+    assert trio.mock_for(model).stats()["requests"] == 0
+
+
+async def test_models_in_anthropic_shape(trio: Trio) -> None:
+    page = await trio.sdk.models.list()
+    ids = [m.id for m in page.data]
+    assert "claude-3-5-haiku" in ids
+    assert "gpt-4o-mini" in ids
+    assert all(m.type == "model" for m in page.data)
+    # Without anthropic-version: the OpenAI list as before.
+    resp = await trio.sdk._client.get(trio.proxy.api_url + "/v1/models")
+    assert resp.json()["object"] == "list"
