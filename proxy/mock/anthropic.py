@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from proxy.mock.common import (
     INVALID_JSON,
+    MAX_TOOL_ARGUMENTS,
     MAX_TOOL_CALLS,
     JSONDict,
     JsonReply,
@@ -34,13 +35,13 @@ from proxy.mock.common import (
     ToolCall,
     count_words,
     dumps,
-    example_arguments,
     fragments,
     reply_words,
     stable_id,
     stream_pieces,
     truncate,
 )
+from proxy.mock.schema import UnsupportedSchema, instance_of
 
 DEFAULT_MODELS = ("claude-3-5-haiku-latest", "claude-sonnet-4-5")
 TOOL_PREAMBLE = "mock tool call"
@@ -201,7 +202,10 @@ class AnthropicFormat(MockFormat):
         total_words = sum(count_words(_content_text(m["content"])) for m in messages)
         total_words += count_words(_content_text(body.get("system")))
         cached = _cached_words(body)
-        calls = self._tool_calls(body, last, prompt)
+        try:
+            calls = self._tool_calls(body, last, prompt)
+        except UnsupportedSchema as exc:
+            return self.error(400, f"tools: the mock cannot honour this input_schema: {exc}")
         words, cut = truncate(reply_words(prompt, self.options.words), body["max_tokens"])
         if calls:
             words, stop = TOOL_PREAMBLE.split(), "tool_use"
@@ -237,25 +241,29 @@ class AnthropicFormat(MockFormat):
         return StreamReply(_stream_events(message, words, calls, stop), headers=headers)
 
     def _tool_calls(self, body: JSONDict, last: JSONDict, prompt: str) -> list[ToolCall]:
+        """``tool_choice``: auto calls on a user turn, ``any``/``tool`` always, ``none`` never."""
         tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "input_schema" in t]
         raw_choice = body.get("tool_choice")
         choice: JSONDict = raw_choice if isinstance(raw_choice, dict) else {}
         answering = any(
             isinstance(b, dict) and b.get("type") == "tool_result" for b in _blocks(last["content"])
         )
-        if not tools or last["role"] != "user" or answering or choice.get("type") == "none":
+        forced = choice.get("type") in ("any", "tool")
+        if not tools or choice.get("type") == "none":
+            return []
+        if not forced and (last["role"] != "user" or answering):
             return []
         if choice.get("type") == "tool":
             tools = [t for t in tools if t.get("name") == choice.get("name")]
         limit = 1 if choice.get("disable_parallel_tool_use") else MAX_TOOL_CALLS
-        return [
-            ToolCall(
-                stable_id("toolu_", prompt, i, t["name"]),
-                t["name"],
-                example_arguments(t["input_schema"], prompt),
-            )
-            for i, t in enumerate(tools[:limit])
-        ]
+        word = prompt.split()[0] if prompt.split() else "mock"
+        calls = []
+        for i, t in enumerate(tools[:limit]):
+            args = instance_of(t["input_schema"], word=word, top_level_optional=MAX_TOOL_ARGUMENTS)
+            if not isinstance(args, dict):
+                raise UnsupportedSchema(f"the input_schema of {t['name']!r} is not an object")
+            calls.append(ToolCall(stable_id("toolu_", prompt, i, t["name"]), t["name"], args))
+        return calls
 
 
 def _stream_events(
@@ -354,6 +362,13 @@ def _check_tools(body: JSONDict) -> str | None:
         return (
             "tool_choice: Input tag does not match any of the expected tags: auto, any, tool, none"
         )
+    names = {t.get("name") for t in tools if isinstance(t, dict)}
+    if (
+        isinstance(choice, dict)
+        and choice.get("type") == "tool"
+        and choice.get("name") not in names
+    ):
+        return f"tool_choice: tool {choice.get('name')!r} is not in 'tools'"
     return None
 
 

@@ -205,36 +205,6 @@ def fragments(text: str, size: int = ARGUMENT_FRAGMENT_CHARS) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
-def example_arguments(schema: Any, prompt: str) -> JSONDict:
-    """Arguments that satisfy a simple JSON schema's declared properties."""
-    props = schema.get("properties") if isinstance(schema, dict) else None
-    if not isinstance(props, dict):
-        return {}
-    first_word = prompt.split()[0] if prompt.split() else "mock"
-    args: JSONDict = {}
-    for name, prop in list(props.items())[:MAX_TOOL_ARGUMENTS]:
-        args[str(name)] = _example_value(prop, first_word)
-    return args
-
-
-def _example_value(prop: Any, word: str) -> Any:
-    if not isinstance(prop, dict):
-        return word
-    enum = prop.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[0]
-    kind = prop.get("type")
-    kind = str(kind[0] if isinstance(kind, list) and kind else kind).lower()
-    values: dict[str, Any] = {
-        "integer": 1,
-        "number": 1.5,
-        "boolean": True,
-        "array": [],
-        "object": {},
-    }
-    return values.get(kind, word)
-
-
 def embedding_vector(text: str, dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS) -> list[float]:
     """A unit vector derived from a hash of ``text``, already rounded to float32.
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from proxy.mock.common import (
     DEFAULT_EMBEDDING_DIMENSIONS,
     INVALID_JSON,
+    MAX_TOOL_ARGUMENTS,
     MAX_TOOL_CALLS,
     JSONDict,
     JsonReply,
@@ -36,14 +37,15 @@ from proxy.mock.common import (
     count_words,
     dumps,
     embedding_vector,
-    example_arguments,
     reply_words,
     stable_id,
     truncate,
 )
+from proxy.mock.schema import UnsupportedSchema, instance_of
 
 DEFAULT_MODELS = ("gemini-2.0-flash", "gemini-2.5-pro", "text-embedding-004")
 WORDS_PER_CHUNK = 3
+MAX_CANDIDATES = 8  # generationConfig.candidateCount accepted by the mock
 EVENT_END = b"\r\n\r\n"
 STATUSES = {
     400: "INVALID_ARGUMENT",
@@ -239,12 +241,31 @@ class GeminiFormat(MockFormat):
         config = _get(body, "generationConfig", "generation_config") or {}
         limit = _get(config, "maxOutputTokens", "max_output_tokens")
         words, cut = truncate(reply_words(prompt, self.options.words), limit)
-        calls = self._tool_calls(body, contents[-1], prompt)
+        count = _get(config, "candidateCount", "candidate_count")
+        count = 1 if count is None else count
+        if (
+            not isinstance(count, int)
+            or isinstance(count, bool)
+            or not 1 <= count <= MAX_CANDIDATES
+        ):
+            return self.error(
+                400, f"* GenerationConfig.candidate_count: must be 1..{MAX_CANDIDATES} in the mock"
+            )
+        if _get(config, "responseLogprobs", "response_logprobs"):
+            return self.error(400, "* GenerationConfig.response_logprobs: not produced by the mock")
+        try:
+            calls = self._tool_calls(body, contents[-1], prompt)
+            json_text = _json_reply(config, words, prompt)
+        except UnsupportedSchema as exc:
+            return self.error(400, f"* the mock cannot honour this schema: {exc}")
+        if json_text is not None and not calls:
+            words, cut = [json_text], False
         reply = _Generation(
             model=model,
             response_id=stable_id("", self.options.name, self.next_serial(), prompt, length=20),
             prompt_tokens=prompt_tokens,
             finish="MAX_TOKENS" if cut and not calls else "STOP",
+            candidates=count,
         )
         if calls:
             signature = hashlib.sha256(f"{model}:{prompt}".encode()).digest()
@@ -282,24 +303,27 @@ class GeminiFormat(MockFormat):
             or {}
         )
         answering = _has(last["parts"], "functionResponse", "function_response")
-        if (
-            not declarations
-            or last.get("role", "user") != "user"
-            or answering
-            or config.get("mode") == "NONE"
-        ):
+        mode = config.get("mode")
+        if not declarations or mode == "NONE":
             return []
+        if mode != "ANY" and (last.get("role", "user") != "user" or answering):
+            return []  # AUTO calls on a user turn; ANY always calls
         allowed = _get(config, "allowedFunctionNames", "allowed_function_names")
         if isinstance(allowed, list):
             declarations = [d for d in declarations if d.get("name") in allowed]
-        return [
-            ToolCall(
-                stable_id("", prompt, i, d.get("name")),
-                str(d.get("name")),
-                example_arguments(d.get("parameters", d.get("parametersJsonSchema")), prompt),
+        word = prompt.split()[0] if prompt.split() else "mock"
+        calls = []
+        for i, d in enumerate(declarations[:MAX_TOOL_CALLS]):
+            schema = d.get("parameters", d.get("parametersJsonSchema"))
+            args = instance_of(
+                schema or {"type": "object"}, word=word, top_level_optional=MAX_TOOL_ARGUMENTS
             )
-            for i, d in enumerate(declarations[:MAX_TOOL_CALLS])
-        ]
+            if not isinstance(args, dict):
+                raise UnsupportedSchema(f"the parameters of {d.get('name')!r} are not an object")
+            calls.append(
+                ToolCall(stable_id("", prompt, i, d.get("name")), str(d.get("name")), args)
+            )
+        return calls
 
     # -- embeddings -------------------------------------------------------------
 
@@ -345,19 +369,24 @@ class _Generation:
     response_id: str
     prompt_tokens: int
     finish: str
+    candidates: int = 1  # generationConfig.candidateCount: each candidate says the same
 
     def chunk(self, parts: list[JSONDict], output_tokens: int, *, last: bool) -> JSONDict:
         """A response (or stream chunk); usage is the running total so far, as Gemini sends it."""
-        candidate: JSONDict = {"content": {"parts": parts, "role": "model"}, "index": 0}
-        if last:
-            candidate["finishReason"] = self.finish
+        candidates: list[JSONDict] = []
+        for index in range(self.candidates):
+            candidate: JSONDict = {"content": {"parts": parts, "role": "model"}, "index": index}
+            if last:
+                candidate["finishReason"] = self.finish
+            candidates.append(candidate)
+        output_tokens *= self.candidates
         usage = {
             "promptTokenCount": self.prompt_tokens,
             "candidatesTokenCount": output_tokens,
             "totalTokenCount": self.prompt_tokens + output_tokens,
         }
         return {
-            "candidates": [candidate],
+            "candidates": candidates,
             "usageMetadata": usage,
             "modelVersion": self.model,
             "responseId": self.response_id,
@@ -371,6 +400,18 @@ class _Generation:
             text = (" " if n else "") + " ".join(group)
             chunks.append(self.chunk([{"text": text}], sent, last=n == len(groups) - 1))
         return chunks
+
+
+def _json_reply(config: Any, words: list[str], prompt: str) -> str | None:
+    """The reply as JSON text when ``responseMimeType`` asks for JSON (meeting its schema)."""
+    if _get(config, "responseMimeType", "response_mime_type") != "application/json":
+        return None
+    schema = _get(config, "responseJsonSchema", "response_json_schema")
+    if schema is None:
+        schema = _get(config, "responseSchema", "response_schema")
+    word = prompt.split()[0] if prompt.split() else "mock"
+    value = {"answer": " ".join(words)} if schema is None else instance_of(schema, word=word)
+    return dumps(value).decode()
 
 
 def validate_generate_request(body: JSONDict, *, strict_signatures: bool = False) -> str | None:

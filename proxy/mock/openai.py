@@ -10,13 +10,16 @@ then ``data: [DONE]``. Non-stream replies always carry ``usage``.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from proxy.mock.common import (
     DEFAULT_EMBEDDING_DIMENSIONS,
+    FILLER_WORDS,
     INVALID_JSON,
+    MAX_TOOL_ARGUMENTS,
     MAX_TOOL_CALLS,
     MODEL_CREATED,
     JSONDict,
@@ -31,13 +34,13 @@ from proxy.mock.common import (
     dumps,
     embedding_base64,
     embedding_vector,
-    example_arguments,
     fragments,
     reply_words,
     stable_id,
     stream_pieces,
     truncate,
 )
+from proxy.mock.schema import UnsupportedSchema, instance_of
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -164,25 +167,38 @@ class OpenAIFormat(MockFormat):
         problem = _check_messages(body["messages"])
         if problem is not None:
             return self._invalid(problem, "messages")
+        options = _chat_options(body)
+        if isinstance(options, _Refusal):
+            return self._invalid(options.message, options.param)
         messages: list[JSONDict] = body["messages"]
         prompt = next(
             (message_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
             "",
         )
+        word = prompt.split()[0] if prompt.split() else "mock"
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         words, cut = truncate(reply_words(prompt, self.options.words), limit)
-        calls = self._tool_calls(body, messages, prompt)
-        completion_tokens = (
-            sum(count_words(c.arguments_json) for c in calls) if calls else len(words)
-        )
+        try:
+            calls = self._tool_calls(body, messages, prompt, options.tool_choice, word)
+            pieces = _content_pieces(options.response_format, words, word)
+        except UnsupportedSchema as exc:
+            param = "tools" if options.response_format is None else "response_format"
+            return self._invalid(f"The mock cannot honour this schema: {exc}", param)
+        if calls:
+            choice = _Choice(None, calls, "tool_calls")
+            tokens = sum(count_words(c.arguments_json) for c in calls)
+        elif options.response_format is not None:
+            choice, tokens = _Choice(pieces, [], "stop"), len(pieces)
+        else:
+            choice, tokens = _Choice(pieces, [], "length" if cut else "stop"), len(words)
         prompt_tokens = sum(count_words(message_text(m.get("content"))) for m in messages)
+        completion_tokens = tokens * options.n
         reply = _Chat(
             ident=f"chatcmpl-mock{self.next_serial()}",
             created=int(time.time()),
             model=model,
-            text=None if calls else " ".join(words),
-            calls=calls,
-            finish="tool_calls" if calls else ("length" if cut else "stop"),
+            choices=[choice] * options.n,
+            top_logprobs=options.top_logprobs,
             usage={
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -193,33 +209,33 @@ class OpenAIFormat(MockFormat):
             return JsonReply(200, reply.completion(), self._headers())
         return StreamReply(reply.events(_include_usage(body)), headers=self._headers())
 
-    def _tool_calls(self, body: JSONDict, messages: list[JSONDict], prompt: str) -> list[ToolCall]:
-        tools = body.get("tools")
-        choice = body.get("tool_choice")
-        if (
-            not isinstance(tools, list)
-            or not tools
-            or messages[-1].get("role") != "user"
-            or choice == "none"
-        ):
+    def _tool_calls(
+        self,
+        body: JSONDict,
+        messages: list[JSONDict],
+        prompt: str,
+        choice: str | None,
+        word: str,
+    ) -> list[ToolCall]:
+        """The calls the reply makes: ``choice`` is None/"auto", "none", "required" or a name."""
+        functions = _functions(body)
+        if not functions or choice == "none":
             return []
-        functions = [
-            t["function"]
-            for t in tools
-            if isinstance(t, dict) and isinstance(t.get("function"), dict)
-        ]
-        if isinstance(choice, dict):
-            wanted = (choice.get("function") or {}).get("name")
-            functions = [f for f in functions if f.get("name") == wanted]
+        if choice in (None, "auto") and messages[-1].get("role") != "user":
+            return []
+        if choice not in (None, "auto", "required"):
+            functions = [f for f in functions if f.get("name") == choice]
         limit = 1 if body.get("parallel_tool_calls") is False else MAX_TOOL_CALLS
-        return [
-            ToolCall(
-                stable_id("call_", prompt, i, f.get("name")),
-                str(f.get("name")),
-                example_arguments(f.get("parameters"), prompt),
+        calls = []
+        for i, f in enumerate(functions[:limit]):
+            schema = f.get("parameters") or {"type": "object", "properties": {}}
+            args = instance_of(schema, word=word, top_level_optional=MAX_TOOL_ARGUMENTS)
+            if not isinstance(args, dict):
+                raise UnsupportedSchema(f"the parameters of {f.get('name')!r} are not an object")
+            calls.append(
+                ToolCall(stable_id("call_", prompt, i, f.get("name")), str(f["name"]), args)
             )
-            for i, f in enumerate(functions[:limit])
-        ]
+        return calls
 
     # -- legacy completions -----------------------------------------------------
 
@@ -314,15 +330,25 @@ class OpenAIFormat(MockFormat):
 
 
 @dataclass(frozen=True)
+class _Choice:
+    pieces: list[str] | None  # the content, token by token; None when the reply calls tools
+    calls: list[ToolCall]
+    finish: str
+
+    @property
+    def text(self) -> str | None:
+        return None if self.pieces is None else "".join(self.pieces)
+
+
+@dataclass(frozen=True)
 class _Chat:
-    """One chat reply, rendered whole or as stream chunks."""
+    """One chat reply (``n`` choices), rendered whole or as stream chunks."""
 
     ident: str
     created: int
     model: str
-    text: str | None
-    calls: list[ToolCall]
-    finish: str
+    choices: list[_Choice]
+    top_logprobs: int | None  # None: no logprobs asked for
     usage: JSONDict
 
     def _envelope(self, obj: str, choices: list[JSONDict]) -> JSONDict:
@@ -335,48 +361,231 @@ class _Chat:
             "choices": choices,
         }
 
-    def completion(self) -> JSONDict:
-        message: JSONDict = {
-            "role": "assistant",
-            "content": self.text,
+    def _logprobs(self, tokens: Sequence[str]) -> JSONDict | None:
+        if self.top_logprobs is None:
+            return None
+        return {
+            "content": [token_logprob(t, self.top_logprobs) for t in tokens],
             "refusal": None,
-            "annotations": [],
         }
-        if self.calls:
-            message["tool_calls"] = [
+
+    def completion(self) -> JSONDict:
+        choices = []
+        for index, choice in enumerate(self.choices):
+            message: JSONDict = {
+                "role": "assistant",
+                "content": choice.text,
+                "refusal": None,
+                "annotations": [],
+            }
+            if choice.calls:
+                message["tool_calls"] = [
+                    {
+                        "id": c.call_id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments_json},
+                    }
+                    for c in choice.calls
+                ]
+            choices.append(
                 {
-                    "id": c.call_id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments_json},
+                    "index": index,
+                    "message": message,
+                    "logprobs": self._logprobs(choice.pieces or []),
+                    "finish_reason": choice.finish,
                 }
-                for c in self.calls
-            ]
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish}
-        return {**self._envelope("chat.completion", [choice]), "usage": self.usage}
+            )
+        return {**self._envelope("chat.completion", choices), "usage": self.usage}
 
     def events(self, include_usage: bool) -> list[bytes]:
-        def chunk(delta: JSONDict, finish_reason: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            obj = self._envelope("chat.completion.chunk", [choice])
-            if include_usage:
-                obj["usage"] = None
-            return _data(obj)
-
         events: list[bytes] = []
-        if self.calls:
-            events.extend(_tool_call_chunks(self.calls, chunk))
-        else:
-            events.append(chunk({"role": "assistant", "content": "", "refusal": None}))
-            events.extend(
-                chunk({"content": piece}) for piece in stream_pieces((self.text or "").split())
-            )
-        events.append(chunk({}, self.finish))
+        for index, choice in enumerate(self.choices):
+
+            def chunk(
+                delta: JSONDict,
+                finish_reason: str | None = None,
+                logprobs: JSONDict | None = None,
+                index: int = index,
+            ) -> bytes:
+                body = {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }
+                obj = self._envelope("chat.completion.chunk", [body])
+                if include_usage:
+                    obj["usage"] = None
+                return _data(obj)
+
+            if choice.calls:
+                events.extend(_tool_call_chunks(choice.calls, chunk))
+            else:
+                events.append(chunk({"role": "assistant", "content": "", "refusal": None}))
+                events.extend(
+                    chunk({"content": piece}, None, self._logprobs([piece]))
+                    for piece in choice.pieces or []
+                )
+            events.append(chunk({}, choice.finish))
         if include_usage:
             events.append(
                 _data({**self._envelope("chat.completion.chunk", []), "usage": self.usage})
             )
         events.append(DONE_EVENT)
         return events
+
+
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    message: str
+    param: str
+
+
+@dataclass(frozen=True)
+class _ChatOptions:
+    n: int
+    top_logprobs: int | None
+    # None: plain text; {}: any JSON object; else the JSON schema the content must satisfy
+    response_format: JSONDict | None
+    tool_choice: str | None  # None/"auto", "none", "required", or the forced function's name
+
+
+def _chat_options(body: JSONDict) -> _ChatOptions | _Refusal:
+    """What the request asks of the reply, or why the mock cannot honour it (a 400)."""
+    n = body.get("n")
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return _Refusal(f"Invalid value for 'n': expected an integer >= 1, got {n!r}.", "n")
+    if n > MAX_CHOICES:
+        return _Refusal(f"Invalid value for 'n': the mock returns at most {MAX_CHOICES}.", "n")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        return _Refusal("Invalid type for 'logprobs': expected a boolean.", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            return _Refusal(
+                f"Invalid value for 'top_logprobs': expected an integer 0..{MAX_TOP_LOGPROBS}.",
+                "top_logprobs",
+            )
+        if logprobs is not True:
+            return _Refusal("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    modalities = body.get("modalities")
+    if body.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
+        return _Refusal("The mock does not produce audio output.", "modalities")
+    response_format = _response_format(body.get("response_format"))
+    if isinstance(response_format, _Refusal):
+        return response_format
+    tool_choice = _tool_choice(body)
+    if isinstance(tool_choice, _Refusal):
+        return tool_choice
+    return _ChatOptions(
+        n=n,
+        top_logprobs=(top or 0) if logprobs else None,
+        response_format=response_format,
+        tool_choice=tool_choice,
+    )
+
+
+def _response_format(raw: Any) -> JSONDict | _Refusal | None:
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            return _Refusal(
+                "Missing required parameter: 'response_format.json_schema.name'.",
+                "response_format.json_schema",
+            )
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            return _Refusal(
+                "Invalid type for 'response_format.json_schema.schema': expected an object.",
+                "response_format.json_schema.schema",
+            )
+        return schema or {"type": "object"}
+    return _Refusal(
+        f"Invalid value for 'response_format.type': {kind!r}; the mock supports "
+        "'text', 'json_object' and 'json_schema'.",
+        "response_format",
+    )
+
+
+def _functions(body: JSONDict) -> list[JSONDict]:
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return []
+    return [
+        t["function"]
+        for t in tools
+        if isinstance(t, dict)
+        and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+    ]
+
+
+def _tool_choice(body: JSONDict) -> str | _Refusal | None:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    names = {f["name"] for f in _functions(body)}
+    if not names:
+        return _Refusal(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
+            "are specified.",
+            "tool_choice",
+        )
+    if choice in ("none", "auto", "required"):
+        return str(choice)
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+        if name in names:
+            return str(name)
+        return _Refusal(
+            f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.",
+            "tool_choice",
+        )
+    return _Refusal(
+        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+        '{"type": "function", "function": {"name": ...}}.',
+        "tool_choice",
+    )
+
+
+def _content_pieces(response_format: JSONDict | None, words: list[str], word: str) -> list[str]:
+    """The reply content token by token: the words, or JSON meeting the response format."""
+    if response_format is None:
+        return stream_pieces(words)
+    if response_format:
+        value = instance_of(response_format, word=word)
+    else:
+        value = {"answer": " ".join(words)}
+    return fragments(dumps(value).decode())
+
+
+def token_logprob(token: str, top: int) -> JSONDict:
+    """A ChatCompletionTokenLogprob: a stable logprob, then ``top`` alternatives (best first)."""
+    logprob = -round((zlib.crc32(token.encode()) % 1000) / 1000 + 0.001, 4)
+    alternatives = [token, *(f" {w}" for w in FILLER_WORDS if f" {w}" != token)]
+    return {
+        "token": token,
+        "logprob": logprob,
+        "bytes": list(token.encode()),
+        "top_logprobs": [
+            {"token": t, "logprob": round(logprob - i, 4), "bytes": list(t.encode())}
+            for i, t in enumerate(alternatives[:top])
+        ],
+    }
 
 
 def _data(obj: JSONDict) -> bytes:
