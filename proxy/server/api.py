@@ -9,6 +9,7 @@ is never forwarded upstream), plans the route and hands over to ``forward``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -73,10 +74,16 @@ async def read_json(request: web.Request) -> JSONDict:
         raise PayloadTooLarge(
             f"request body is {request.content_length} bytes; the limit is {limit}"
         )
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+    # Read from the stream rather than with request.read(), which keeps the raw body on the
+    # request for as long as the request lives (a stream's whole life); only the parse is kept.
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        parts.append(chunk)
+    raw = parts[0] if len(parts) == 1 else b"".join(parts)
     if not raw:
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
@@ -163,14 +170,17 @@ def _stream_flags(body: JSONDict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-async def _dispatch(
-    request: web.Request,
-    endpoint: Endpoint,
-    body: JSONDict,
-    model: str,
-    stream: bool,
-    include_usage: bool,
-) -> web.StreamResponse:
+# An endpoint's own checks of the parsed body: (model, stream, include_usage), or a 400.
+Check = Callable[[JSONDict], tuple[str, bool, bool]]
+
+
+def _exchange(request: web.Request, endpoint: Endpoint, body: JSONDict, check: Check) -> Exchange:
+    """Check the body, plan the route: the Exchange that carries the request from here on.
+
+    A plain function, so the parsed body is held by the Exchange alone (``streaming``
+    drops it at the commit point), not by the frames waiting on the upstream.
+    """
+    model, stream, include_usage = check(body)
     state = request.app[STATE]
     rules = state.rules  # read once: the request keeps these rules even if a reload swaps them
     prefs = parse_prefs(body.pop(EXTENSION_KEY, None))
@@ -182,7 +192,7 @@ async def _dispatch(
     log_plan(plan, info.request_id)  # one debug line with the whole plan; free at info
     info.model = plan.resolved
     info.stream = stream
-    ex = Exchange(
+    return Exchange(
         request=request,
         state=state,
         rules=rules,
@@ -194,22 +204,25 @@ async def _dispatch(
         started=time.perf_counter(),
         include_usage=include_usage,
     )
+
+
+async def _dispatch(request: web.Request, endpoint: Endpoint, check: Check) -> web.StreamResponse:
+    """The handler of every proxied endpoint (one coroutine frame per request)."""
+    ex = _exchange(request, endpoint, await read_json(request), check)
     try:
         return await serve(ex)
     finally:
-        info.upstream_seconds = ex.upstream_seconds
+        request[REQUEST_INFO].upstream_seconds = ex.upstream_seconds
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
+def _check_chat(body: JSONDict) -> tuple[str, bool, bool]:
     model = _require_str(body, "model")
     _check_messages(body)
     stream, include_usage = _stream_flags(body)
-    return await _dispatch(request, Endpoint.CHAT, body, model, stream, include_usage)
+    return model, stream, include_usage
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
+def _check_completions(body: JSONDict) -> tuple[str, bool, bool]:
     model = _require_str(body, "model")
     prompt = _present(body, "prompt")
     if not isinstance(prompt, str | list):
@@ -217,11 +230,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "'prompt' must be a string or an array", param="prompt", code="invalid_type"
         )
     stream, include_usage = _stream_flags(body)
-    return await _dispatch(request, Endpoint.COMPLETIONS, body, model, stream, include_usage)
+    return model, stream, include_usage
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
+def _check_embeddings(body: JSONDict) -> tuple[str, bool, bool]:
     model = _require_str(body, "model")
     value = _present(body, "input")
     if not isinstance(value, str | list) or value == [] or value == "":
@@ -230,7 +242,18 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         )
     if body.get("stream"):
         raise InvalidRequest("embeddings cannot be streamed", param="stream")
-    return await _dispatch(request, Endpoint.EMBEDDINGS, body, model, False, False)
+    return model, False, False
+
+
+# The handlers: partials of _dispatch (aiohttp takes them as coroutine functions), so no
+# per-endpoint coroutine frame sits between the wrapper and _dispatch for a stream's life.
+chat_completions: Handler = functools.partial(_dispatch, endpoint=Endpoint.CHAT, check=_check_chat)
+completions: Handler = functools.partial(
+    _dispatch, endpoint=Endpoint.COMPLETIONS, check=_check_completions
+)
+embeddings: Handler = functools.partial(
+    _dispatch, endpoint=Endpoint.EMBEDDINGS, check=_check_embeddings
+)
 
 
 def models_payload(state: ProxyState) -> JSONDict:
