@@ -284,8 +284,12 @@ async def _attempt(
         raise
     ex.attempts += 1
     attempt = Attempt(cand, index, breaker, permit, time.monotonic())
+    # The coroutine holds the request from here; _send lets go of it once it is sent, so the
+    # upstream body is not kept for the life of a stream.
+    sending = _send(ex, attempt, pool, req, adapter, request_deadline)
+    del req
     try:
-        return await _send(ex, attempt, pool, req, adapter, request_deadline)
+        return await sending
     except AttemptFailed as failed:
         # Error text can quote the upstream (a stream error event, a bad header): no key in it.
         redact_error(failed.error, state.redactor)
@@ -332,6 +336,7 @@ async def _send(
                 connect_timeout=timeouts.connect,
                 progress=progress,
             )
+            del req  # sent: its body is not needed again (no resend once a reply came)
             async with resp:
                 phase = _Phase.FIRST_TOKEN
                 if resp.status >= 300:
@@ -495,14 +500,31 @@ def _plain_response(
     if ex.usage_estimated:
         headers["x-cb-usage-estimated"] = "true"
     if ex.rules.defaults.response_metadata:
-        obj["circuit_breaker"] = metadata(ex, attempt, cost)
-        body = orjson.dumps(obj)
+        meta = metadata(ex, attempt, cost)
+        if providers.translator(cand.provider.type) is None:
+            body = with_metadata(raw, obj, meta)
+        else:
+            obj["circuit_breaker"] = meta
+            body = orjson.dumps(obj)
     else:
         body = raw if providers.translator(cand.provider.type) is None else orjson.dumps(obj)
     # A success body echoing a key is rare: one find per key, the full scan only on a hit
     # (docs/architecture.md, "Secrets"; bench/secrets.py: ~2 us for 1 KiB, the full scan 60).
     body = ex.state.redactor.redact_success(body)
     return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def with_metadata(raw: bytes, obj: JSONDict, meta: JSONDict) -> bytes:
+    """``raw`` (the JSON object ``obj`` was parsed from) with ``"circuit_breaker": meta`` added.
+
+    Spliced in before the object's closing brace rather than re-dumping the whole reply: the
+    upstream's bytes stay as they came and only the metadata is serialised. The result parses
+    to ``obj`` plus the key. An empty object or one that already has the key is re-dumped.
+    """
+    end = len(raw.rstrip())
+    if obj and "circuit_breaker" not in obj and end and raw[end - 1] == 0x7D:  # b"}"
+        return b"".join((raw[: end - 1], b',"circuit_breaker":', orjson.dumps(meta), b"}"))
+    return orjson.dumps({**obj, "circuit_breaker": meta})
 
 
 __all__ = ["AttemptFailed", "ClientGone", "Exchange", "serve"]
