@@ -57,6 +57,7 @@ from proxy.providers.base import (
     UpstreamRequest,
     Usage,
 )
+from proxy.providers.openai import exact_bytes
 from proxy.providers.stream_base import SSEStreamTranslator
 
 UPSTREAM = "Anthropic"
@@ -606,7 +607,7 @@ class AnthropicAdapter:
         payload = translate_request(body, deployment.upstream_model, stream)
         headers = {"content-type": "application/json", **self._headers(provider, api_key)}
         return UpstreamRequest(
-            "POST", provider.base_url + MESSAGES_PATH, headers, orjson.dumps(payload)
+            "POST", provider.base_url + MESSAGES_PATH, headers, exact_bytes(orjson.dumps(payload))
         )
 
     def parse_response(

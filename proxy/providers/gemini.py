@@ -71,6 +71,7 @@ from proxy.providers.base import (
 )
 from proxy.providers.gemini_schema import MAX_REF_DEPTH as MAX_REF_DEPTH
 from proxy.providers.gemini_schema import gemini_schema as gemini_schema
+from proxy.providers.openai import exact_bytes
 from proxy.providers.stream_base import SSEStreamTranslator
 
 UPSTREAM = "Gemini"
@@ -621,7 +622,7 @@ class GeminiAdapter:
                 code="unsupported_endpoint",
             )
         headers = {"content-type": "application/json", **self._headers(provider, api_key)}
-        return UpstreamRequest("POST", url, headers, orjson.dumps(payload))
+        return UpstreamRequest("POST", url, headers, exact_bytes(orjson.dumps(payload)))
 
     def parse_response(
         self,
