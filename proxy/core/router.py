@@ -89,7 +89,7 @@ class Rejection:
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
     requested: str
-    resolved: str  # the model or virtual model name after routes
+    resolved: str  # the model (its canonical name, not an alias) or virtual model after routes
     strategy: str
     candidates: tuple[Candidate, ...]
     drops: tuple[_Drop, ...] = ()  # what the filters dropped; see ``rejected``
@@ -461,7 +461,7 @@ def plan_route(
     ):
         return RoutePlan(
             requested=requested,
-            resolved=name,
+            resolved=target.name,
             strategy=strategy,
             candidates=pool.cands,
             reason="as requested" if virtual is None else "only candidate",
@@ -531,7 +531,7 @@ def plan_route(
             reason += ", breaker open"
     return RoutePlan(
         requested=requested,
-        resolved=name,
+        resolved=target.name,
         strategy=strategy,
         candidates=tuple(candidates),
         drops=tuple(drops),

@@ -1009,9 +1009,10 @@ def test_demo_rules_use_local_mocks_without_keys() -> None:
     }
     mini = rules.models["gpt-4o-mini"]
     assert [d.provider for d in mini.deployments] == ["mock-openai", "mock-openai-backup"]
-    route = rules.match_route("gpt-3.5-turbo-0125", {})
-    assert route is not None
-    assert route.rewrite_model == "gpt-4o-mini"
+    # Legacy names are aliases (they apply to fallbacks too), not a glob route that would
+    # also catch the completions model gpt-3.5-turbo-instruct.
+    assert rules.model_index["gpt-3.5-turbo-0125"] == "gpt-4o-mini"
+    assert "gpt-3.5-turbo-instruct" not in rules.model_index
     assert set(CHAT_VIRTUAL_MODELS) <= set(rules.virtual_models)
 
 
