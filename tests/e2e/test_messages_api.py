@@ -375,3 +375,32 @@ async def test_models_in_anthropic_shape(trio: Trio) -> None:
     # Without anthropic-version: the OpenAI list as before.
     resp = await trio.sdk._client.get(trio.proxy.api_url + "/v1/models")
     assert resp.json()["object"] == "list"
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_error_after_content_is_an_error_event(trio: Trio, model: str) -> None:
+    await trio.mock_for(model).set_fault(kind="cut_stream", after_events=4)
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async with trio.sdk.messages.stream(model=model, max_tokens=256, messages=HELLO) as stream:
+            async for event in stream:
+                seen.append(event.type)  # kept as they arrive, up to the error
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await consume()
+    assert seen[0] == "message_start"
+    assert "message_stop" not in seen
+    body: Any = caught.value.body
+    assert body["type"] == "error"
+    assert body["error"]["type"] in ("api_error", "overloaded_error")
+
+
+async def test_error_before_content_fails_over(trio: Trio) -> None:
+    await trio.anthropic.set_fault(kind="error_event", after_events=0)
+    async with trio.sdk.messages.stream(
+        model="claude-with-backup", max_tokens=64, messages=HELLO
+    ) as stream:
+        final = await stream.get_final_message()
+    assert final.content[0].type == "text"
+    assert trio.openai.stats()["requests"] == 1
