@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.config.model import (
+    MODEL_ENDPOINTS,
     MODEL_IN_PATH_TYPES,
     MODEL_PATH_PREFIX,
     PROVIDER_TYPES,
@@ -50,6 +51,7 @@ from proxy.config.model import (
     Deployment,
     HealthCheck,
     Model,
+    ModelEndpoint,
     Provider,
     ProviderType,
     RetryPolicy,
@@ -88,7 +90,7 @@ BREAKER_KEYS = keys_of(BreakerOverrides)
 HEALTH_CHECK_KEYS = keys_of(HealthCheck)
 DEPLOYMENT_KEYS = keys_of(Deployment, exclude=("model",))
 # A model holds the deployment keys (inherited by its deployments) and its own.
-MODEL_KEYS = (*DEPLOYMENT_KEYS, "deployments", "quality", "aliases", "description")
+MODEL_KEYS = (*DEPLOYMENT_KEYS, "deployments", "quality", "aliases", "description", "endpoints")
 VIRTUAL_MODEL_KEYS = keys_of(VirtualModel, exclude=("name",))
 COST_CAP_KEYS = keys_of(CostCap)
 ROUTE_KEYS = ("match", "rewrite", "fallbacks")
@@ -107,6 +109,7 @@ VERSION_SPEC = Int()
 
 _STRATEGY_BY_NAME: dict[str, Strategy] = {s: s for s in STRATEGIES}
 _TASK_TYPE_BY_NAME: dict[str, TaskType] = {t: t for t in TASK_TYPES}
+_ENDPOINT_BY_NAME: dict[str, ModelEndpoint] = {e: e for e in MODEL_ENDPOINTS}
 _PROVIDER_TYPE_BY_NAME: dict[str, ProviderType] = {p: p for p in PROVIDER_TYPES}
 
 
@@ -300,7 +303,23 @@ def _parse_base_url(ck: _Checker, m: _Map) -> str | None:
     if parts.query or parts.fragment:
         ck.add(m.at("base_url"), "must not have a query or fragment")
         return None
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        # The path goes on the request line as it is: a space would split it and non-ASCII
+        # cannot be sent; the user percent-encodes (RFC 3986) rather than the proxy guessing.
+        ck.add(
+            m.at("base_url"),
+            "must be ASCII without spaces or control characters (percent-encode the path)",
+        )
+        return None
     return url.rstrip("/")
+
+
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_headers(ck: _Checker, m: _Map) -> Mapping[str, str]:
@@ -321,6 +340,10 @@ def _parse_headers(ck: _Checker, m: _Map) -> Mapping[str, str]:
             ck.add(path, f"expected a string, got {kind_of(value)}")
         elif HEADER_VALUE_FORBIDDEN.intersection(text):
             ck.add(path, "header value must not contain CR, LF or NUL")
+        elif not _latin1(text):
+            # HTTP/1.1 header bytes are ISO-8859-1 (RFC 9110 section 5.5): other text cannot go
+            # on the wire as it is.
+            ck.add(path, "header value must be Latin-1 text (encode anything else yourself)")
         else:
             headers[name] = text
     return MappingProxyType(headers)
@@ -559,7 +582,22 @@ def _parse_model(ck: _Checker, name: str, path: str, body: object, names: _Names
         quality=_parse_quality(ck, m),
         aliases=m.names("aliases") or (),
         description=_description(ck, m),
+        endpoints=_parse_endpoints(ck, m),
     )
+
+
+def _parse_endpoints(ck: _Checker, m: _Map) -> tuple[ModelEndpoint, ...]:
+    """``endpoints``: a non-empty list of distinct MODEL_ENDPOINTS; absent = any endpoint."""
+    names = m.names("endpoints")
+    if names is None:
+        return ()
+    if not names:
+        ck.add(m.at("endpoints"), "must not be empty (leave it out to allow every endpoint)")
+    known = [_ENDPOINT_BY_NAME[n] for n in names if n in _ENDPOINT_BY_NAME]
+    for i, n in enumerate(names):
+        if n not in _ENDPOINT_BY_NAME:
+            ck.choice(f"{m.at('endpoints')}[{i}]", n, MODEL_ENDPOINTS, "endpoint")
+    return tuple(known)
 
 
 def _register_aliases(ck: _Checker, m_path: str, body: object, name: str, names: _Names) -> None:

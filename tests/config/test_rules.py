@@ -389,6 +389,18 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
         "providers.openai.base_url: must not have a query or fragment",
     ),
     (
+        "base_url space",
+        _set(P + "base_url", "https://x/v 1"),
+        "providers.openai.base_url: must be ASCII without spaces or control characters "
+        "(percent-encode the path)",
+    ),
+    (
+        "base_url non-ascii path",
+        _set(P + "base_url", "https://x/v\u0142"),
+        "providers.openai.base_url: must be ASCII without spaces or control characters "
+        "(percent-encode the path)",
+    ),
+    (
         "base_url bad IPv6",
         _set(P + "base_url", "http://[::1/v1"),
         "providers.openai.base_url: not a valid URL: Invalid IPv6 URL",
@@ -418,6 +430,12 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
         "header value newline",
         _set(P + "headers", {"x-a": "a\r\nb"}),
         "providers.openai.headers.x-a: header value must not contain CR, LF or NUL",
+    ),
+    (
+        "header value not latin-1",
+        _set(P + "headers", {"x-team": "zesp\u00f3\u0142"}),
+        "providers.openai.headers.x-team: header value must be Latin-1 text "
+        "(encode anything else yourself)",
     ),
     (
         "header name",
