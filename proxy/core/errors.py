@@ -16,6 +16,7 @@ status and the OpenAI ``error.type`` the SDKs expect, so the middleware in
     ├── NotFound                    404 invalid_request_error
     ├── MethodNotAllowed            405 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error
+    ├── UnsupportedMediaType        415 invalid_request_error (a compressed request body)
     ├── RateLimited                 429 rate_limit_error
     ├── UpstreamError               502 server_error   (connect refused, reset, bad reply)
     ├── ServiceUnavailable          503 server_error   (every candidate's breaker open)
@@ -140,6 +141,12 @@ class PayloadTooLarge(ProxyError):
     status = 413
     error_type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class RateLimited(ProxyError):

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.core.errors import InvalidRequest, PayloadTooLarge
+from proxy.core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from proxy.core.explain import plan_log_fields
 from proxy.core.prefs import EXTENSION_KEY, parse_prefs, routing_inputs
 from proxy.core.router import RoutePlan, plan_route
@@ -69,6 +69,13 @@ def request_id(request: web.Request) -> str:
 
 
 async def read_json(request: web.Request) -> JSONDict:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # OpenAI's and Anthropic's SDKs send plain JSON; a compressed body could inflate far
+        # past the body limit, so it is refused unread (the server does not inflate it).
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; send the JSON body uncompressed"
+        )
     limit = request.app[STATE].settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(

@@ -75,6 +75,9 @@ async def serve(
         handler_cancellation=True,  # a client that goes away cancels its upstream call
         shutdown_timeout=FORCE_WINDOW,  # the drain is ours (_drain); this is the last resort
         access_log=None,
+        # aiohttp would inflate a gzip body whole before the body limit sees it (1 MB on the
+        # wire, 1 GB in memory): bodies stay as sent, and api.read_json refuses an encoding.
+        auto_decompress=False,
     )
     admin_runner = ProxyRunner(
         create_admin_app(state),
@@ -82,6 +85,7 @@ async def serve(
         handler_cancellation=True,
         shutdown_timeout=FORCE_WINDOW,
         access_log=None,
+        auto_decompress=False,
     )
     await api_runner.setup()
     await admin_runner.setup()

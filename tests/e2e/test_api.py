@@ -404,3 +404,27 @@ async def test_nesting_at_the_limit_is_served_and_one_level_more_is_a_400(stack:
     assert "deeper than 128" in payload["error"]["message"]
     status, _, payload = await post(stack, "/v1/chat/completions", body(128))
     assert status == 200, payload
+
+
+async def test_a_compressed_body_is_refused_unread_with_415(stack: Stack) -> None:
+    import gzip
+
+    # 1 MiB of zeros inside a JSON string: ~1 KiB on the wire, inflated it would be 1 MiB.
+    inflated = b'{"model": "gpt-4o-mini", "messages": [], "x": "' + b"0" * (1 << 20) + b'"}'
+    bomb = gzip.compress(inflated)
+    assert len(bomb) < 4096
+    status, _, payload = await post(
+        stack, "/v1/chat/completions", bomb, headers={"content-encoding": "gzip"}
+    )
+    assert status == 415
+    validate("ErrorResponse", payload)
+    assert payload["error"]["code"] == "unsupported_media_type"
+    assert "gzip" in payload["error"]["message"]
+    assert stack.primary.stats()["requests"] == 0
+    status, _, _ = await post(
+        stack,
+        "/v1/chat/completions",
+        {"model": "gpt-4o-mini", "messages": CHAT},
+        headers={"content-encoding": "identity"},
+    )
+    assert status == 200
