@@ -1,14 +1,17 @@
 # Make targets are the interface for humans and CI alike. `make test` works from a fresh clone:
-# it builds its own virtualenv and installs the Debian tools it needs (promtool, wrk).
+# it builds its own virtualenv and installs the Debian tools it needs (promtool, wrk, node, npm)
+# and the openai npm package the Node end-to-end test drives (tests/e2e/node).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_TOOLS := promtool:prometheus wrk:wrk nginx:nginx
+APT_TOOLS := promtool:prometheus wrk:wrk nginx:nginx node:nodejs npm:npm
+NODE_DIR := tests/e2e/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed-stamp
 
-.PHONY: install tools demo run test unit lint typecheck bench check-deploy clean
+.PHONY: install tools apt-tools demo run test unit lint typecheck bench check-deploy clean
 
 install: $(STAMP)
 
@@ -20,7 +23,10 @@ $(STAMP): pyproject.toml
 
 # Debian packages the checks use; installed once with apt-get when missing (root on CI machines).
 # nginx is the compiled-limit row of `make bench`; it lives in /usr/sbin, not on every PATH.
-tools:
+# Then the Node test's npm packages, exactly as package-lock.json pins them (once, stamped).
+tools: apt-tools $(NODE_STAMP)
+
+apt-tools:
 	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || test -x /usr/sbin/$$cmd || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
@@ -29,6 +35,10 @@ tools:
 	  $$SUDO apt-get update -q >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
 	fi
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json | apt-tools
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 demo: install
 	$(BIN)/cb-proxy demo
