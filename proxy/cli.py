@@ -16,6 +16,7 @@ from proxy.core.candidates import StaticView
 from proxy.core.prefs import RequestPrefs, parse_prefs
 from proxy.core.router import plan_route
 from proxy.server.logs import setup_logging
+from proxy.upstream.client import check_environment as check_upstream_environment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +89,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # The breaker defaults come from the environment too (CB_TIMEOUT_SECONDS, ...): a bad
         # value is a start-up error with its name, like any other setting, not a traceback.
         CircuitBreakerConfig.from_env(settings.environ)
+        # Egress proxy and CA variables likewise (HTTPS_PROXY, SSL_CERT_FILE, ...).
+        check_upstream_environment(settings.environ)
     except (SettingsError, ValueError) as exc:
         print(f"cb-proxy: {exc}", file=sys.stderr)
         return 2

@@ -100,7 +100,9 @@ __all__ = [
     "PayloadError",
     "PoolExhausted",
     "Response",
+    "TLSConfigError",
     "UpstreamPool",
+    "check_environment",
     "may_resend",
     "split_url",
     "system_ssl_context",
@@ -126,20 +128,43 @@ def split_url(url: str) -> tuple[Origin, str, str]:
     return (scheme, host, port), host_header, target
 
 
+class TLSConfigError(ValueError):
+    """``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` cannot be loaded; the message names the variable."""
+
+
 def system_ssl_context(environ: Mapping[str, str]) -> ssl.SSLContext:
     """The system's CAs, plus ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` from ``environ``.
 
     OpenSSL reads those two variables itself, but only from the process
     environment and only instead of its default bundle; loading them here
     adds them to the system CAs and honours the environment the proxy was
-    started with (tests inject theirs).
+    started with (tests inject theirs). A file that cannot be loaded is a
+    ``TLSConfigError``: a start-up error, never a failure of every https upstream.
     """
     context = ssl.create_default_context()
     cafile = environ.get("SSL_CERT_FILE") or None
     capath = environ.get("SSL_CERT_DIR") or None
     if cafile or capath:
-        context.load_verify_locations(cafile=cafile, capath=capath)
+        try:
+            context.load_verify_locations(cafile=cafile, capath=capath)
+        except (OSError, ssl.SSLError) as exc:
+            names = " / ".join(
+                f"{name}={value!r}"
+                for name, value in (("SSL_CERT_FILE", cafile), ("SSL_CERT_DIR", capath))
+                if value
+            )
+            raise TLSConfigError(f"{names}: cannot load the CA certificates: {exc}") from exc
     return context
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise a ValueError naming the variable if the egress or CA settings cannot be used.
+
+    ``serve`` calls it before it starts, so a bad value stops start-up with a message
+    instead of failing (and being blamed on) every upstream call later.
+    """
+    EgressProxies(environ)
+    system_ssl_context(environ)
 
 
 def may_resend(exc: Disconnected, reused: bool, method: str, headers: Mapping[str, str]) -> bool:

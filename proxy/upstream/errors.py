@@ -18,7 +18,7 @@ sees. Nothing else in the proxy translates transport errors (docs/upstream.md):
     │       └── BodyTooLarge
     └── LocalFailure               the proxy's own resources: no outcome (``local``), 503
         ├── PoolExhausted          no free connection to the host within the connect timeout
-        └── LocalResourceError     EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL opening a socket
+        └── LocalResourceError     EMFILE, ENFILE, ENOBUFS, ENOMEM opening a socket
 
 A local failure never counts against an upstream's breaker: the upstream did
 nothing wrong, and opening its breaker would turn our own overload into an
@@ -38,11 +38,11 @@ from proxy.core.outcome import Outcome
 from proxy.core.sse import EventTooLarge as SSEEventTooLarge
 
 # errno values that mean the proxy itself ran out of something, not that the peer failed.
-# Out of descriptors, buffers, memory or ephemeral ports: this process's (or host's) limits,
-# never a sign that the upstream is down.
-LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
+# Out of descriptors, buffers or memory: this process's (or host's) limits, never a sign that
+# the upstream is down. EADDRNOTAVAIL is not here: besides ephemeral-port exhaustion it is what
+# an unroutable address family gives (an IPv6 upstream in a pod without IPv6), which is the
+# upstream's (or its DNS's) problem and must be able to open its breaker.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class TransportError(Exception):

@@ -245,16 +245,18 @@ async def test_demo_runs_its_tour_and_exits(tmp_path: Path) -> None:
         ("CB_TIMEOUT_SECONDS", "abc"),
         ("CB_FAILURE_THRESHOLD", "-1"),
         ("CIRCUIT_BREAKER_ENABLED", "x"),
+        ("HTTPS_PROXY", "https://tls-proxy.test"),
+        ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
     ],
 )
-def test_a_bad_breaker_environment_value_stops_serve_with_its_name(
+def test_a_bad_environment_value_stops_serve_with_its_name(
     name: str, value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(name, value)
     code = main(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"cb-proxy: {name}=")
+    assert err.startswith((f"cb-proxy: {name}=", f"cb-proxy: {name}:"))
     assert "Traceback" not in err
 
 
