@@ -29,6 +29,10 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 # Third-party packages a pure layer must not import: the shell's web stack, metrics and I/O.
 SHELL_ONLY = frozenset({"aiohttp", "prometheus_client", "multidict", "yarl", "uvloop", "httptools"})
+# Layers that never touch files (config reads the rules file; core and providers take values).
+NO_FILE_IO = frozenset({"core", "providers"})
+# ``from os import environ`` reads the environment as surely as ``os.environ`` does.
+ENVIRONMENT_NAMES = frozenset({"os.environ", "os.getenv", "os.environb", "os.getenvb"})
 PURE_FORBIDDEN: dict[str, frozenset[str]] = {
     "config": SHELL_ONLY,
     "core": SHELL_ONLY | {"yaml", "subprocess", "socket", "ssl", "asyncio"},
@@ -46,8 +50,14 @@ def _modules() -> Iterator[tuple[str, Path]]:
 
 
 def _imports(name: str, path: Path) -> Iterator[tuple[str, int]]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    yield from _imports_in(name, path.read_text(), is_package=path.name == "__init__.py")
+
+
+def _imports_in(name: str, source: str, *, is_package: bool = False) -> Iterator[tuple[str, int]]:
+    """Every module ``source`` imports: import statements (inside functions too) and
+    ``importlib.import_module("...")`` / ``__import__("...")`` calls with a literal name."""
+    tree = ast.parse(source)
+    package = name if is_package else name.rsplit(".", 1)[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -62,6 +72,20 @@ def _imports(name: str, path: Path) -> Iterator[tuple[str, int]]:
             yield target, node.lineno
             for alias in node.names:  # `from proxy.server import api` imports proxy.server.api
                 yield f"{target}.{alias.name}", node.lineno
+        elif (
+            isinstance(node, ast.Call)
+            and _called_name(node.func) in {"import_module", "__import__"}
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            yield node.args[0].value, node.lineno
+
+
+def _called_name(func: ast.expr) -> str:
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ""
 
 
 def _layer(module: str) -> str:
@@ -85,31 +109,41 @@ def _proxy_edges() -> dict[str, set[str]]:
     return edges
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_a_module_imports_only_its_own_layer_and_those_below(module: str) -> None:
+def violations(module: str, source: str, *, is_package: bool = False) -> list[str]:
+    """What in ``source`` (the text of ``module``) breaks the contract, one line each."""
     layer = _layer(module)
     allowed = ALLOWED[layer] | {layer}
     forbidden = PURE_FORBIDDEN.get(layer, frozenset())
     bad = []
-    for target, line in _imports(module, MODULES[module]):
+    for target, line in _imports_in(module, source, is_package=is_package):
         top = target.split(".")[0]
         if top == "proxy" and target in MODULES and target != "proxy":
             if _layer(target) not in allowed:
                 bad.append(f"line {line}: {target} (layer {_layer(target)})")
         elif top in forbidden:
             bad.append(f"line {line}: {target} (not in a pure layer)")
-    assert not bad, f"{module} ({layer}) imports: " + "; ".join(bad)
+        elif layer in PURE_FORBIDDEN and target in ENVIRONMENT_NAMES:
+            bad.append(f"line {line}: {target} (the process environment)")
+    if layer in PURE_FORBIDDEN:
+        bad += [
+            f"line {node.lineno}: .{node.attr} (the process environment)"
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and node.attr in {"environ", "getenv"}
+        ]
+    if layer in NO_FILE_IO:
+        bad += [
+            f"line {node.lineno}: open() (file I/O)"
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and _called_name(node.func) in {"open", "read_text"}
+        ]
+    return bad
 
 
-def test_the_pure_layers_never_read_the_process_environment() -> None:
-    offenders = [
-        f"{module}:{node.lineno}"
-        for module, path in MODULES.items()
-        if _layer(module) in PURE_FORBIDDEN
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Attribute) and node.attr in {"environ", "getenv"}
-    ]
-    assert not offenders
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_a_module_imports_only_its_own_layer_and_those_below(module: str) -> None:
+    path = MODULES[module]
+    bad = violations(module, path.read_text(), is_package=path.name == "__init__.py")
+    assert not bad, f"{module} ({_layer(module)}): " + "; ".join(bad)
 
 
 def test_no_import_cycle_in_the_package() -> None:
@@ -136,17 +170,27 @@ def test_no_import_cycle_in_the_package() -> None:
     assert not cycles, " | ".join(" -> ".join(c) for c in cycles)
 
 
-def test_the_contract_sees_a_violation() -> None:
-    """The checker itself: an upward import written into a pure layer is caught."""
-    sample = ast.parse("from proxy.server.metrics import Metrics\nimport aiohttp\n")
-    found = [
-        node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-        for node in ast.walk(sample)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-    ]
-    assert _layer(found[0] or "") == "server"
-    assert "server" not in ALLOWED["core"]
-    assert found[1] in PURE_FORBIDDEN["core"]
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from proxy.server.metrics import Metrics\n",
+        "import aiohttp\n",
+        "def f():\n    from prometheus_client import Counter\n",
+        "import importlib\nweb = importlib.import_module('aiohttp.web')\n",
+        "from os import environ\n",
+        "from os import getenv as ge\n",
+        "import os\nkey = os.environ['OPENAI_API_KEY']\n",
+        "import socket\n",
+        "with open('/etc/passwd') as f:\n    pass\n",
+    ],
+)
+def test_the_checker_catches_each_kind_of_violation_in_a_pure_layer(source: str) -> None:
+    assert violations("proxy.core.sample", source)
+
+
+def test_the_checker_lets_the_shell_import_below_it() -> None:
+    source = "import aiohttp\nimport os\nfrom proxy.core.breaker import State\nos.environ\n"
+    assert violations("proxy.server.sample", source) == []
 
 
 def test_the_package_root_is_the_breaker_library_and_loads_no_shell() -> None:
