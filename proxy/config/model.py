@@ -48,6 +48,11 @@ Strategy = Literal[
     "cost_optimized", "performance_first", "balanced", "reliability_first", "task_specific"
 ]
 TaskType = Literal["chat", "coding", "analysis", "creative"]
+# The OpenAI endpoints a model serves (models.*.endpoints): /v1/chat/completions,
+# /v1/completions, /v1/embeddings. The router never sends a request to a model that does
+# not serve its endpoint.
+ModelEndpoint = Literal["chat", "completions", "embeddings"]
+MODEL_ENDPOINTS: tuple[ModelEndpoint, ...] = ("chat", "completions", "embeddings")
 
 STRATEGIES: tuple[Strategy, ...] = (
     "cost_optimized",
@@ -73,7 +78,7 @@ SUPPORTED_VERSION = 1
 WINDOW_SECONDS_MAX = 3600.0
 # Sane maxima: a typo (an extra zero, seconds given as ms) is a check error, not a breaker that
 # stays open for a year or a timer that never fires. Each is far beyond any real setting
-# (docs/rules.md, "Upper bounds").
+# (docs/rules.md, "General rules": upper bounds).
 DAY_SECONDS = 86_400.0  # timeouts, open periods, health-check interval
 HOUR_MS = 3_600_000.0  # latencies in ms
 # A retry backoff is waited inside one client request: a minute, like max_retry_wait.
@@ -253,6 +258,11 @@ class Model:
     quality: Mapping[str, float] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     description: str = ""
+    # The endpoints it serves (MODEL_ENDPOINTS); empty = not declared: any endpoint.
+    endpoints: tuple[ModelEndpoint, ...] = ()
+
+    def serves(self, endpoint: str) -> bool:
+        return not self.endpoints or endpoint in self.endpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +425,7 @@ def format_problems(err: RulesError) -> str:
 
 
 __all__ = [
+    "MODEL_ENDPOINTS",
     "MODEL_IN_PATH_TYPES",
     "MODEL_PATH_PREFIX",
     "PROVIDER_TYPES",
@@ -429,6 +440,7 @@ __all__ = [
     "Deployment",
     "HealthCheck",
     "Model",
+    "ModelEndpoint",
     "Provider",
     "ProviderType",
     "RetryPolicy",

@@ -47,7 +47,7 @@ Invariants, true between any two calls:
     tracked attempt (their results are late, invariant 4). A trip caused by
     stale attempts is not undone when they later succeed: the open period runs
     out and probes decide, as after any trip. ``0 <= stalled_streak <= stalled``.
-11. The two trip rules in closed (docs/breaker.md, 'Opening rules'): the
+11. The two trip rules in closed (docs/breaker.md, 'Window and thresholds'): the
     consecutive rule opens when ``failure_threshold`` failures follow one another;
     the rate rule opens when the window holds at least ``min_throughput`` calls,
     at least ``failure_threshold`` of them failures, and the failure ratio reaches
