@@ -230,10 +230,11 @@ class CircuitBreakerConfig:
 
         Never raises for overrides ``cb-proxy check`` accepted, whatever the environment
         set (docs/rules.md, "Providers": the breaker keys): each value is in its declared
-        range, and the one cross-field rule (``max_open_seconds >= open_seconds``) is settled here when the
-        file sets only one side of it. ``max_open_seconds`` caps every open period, so
-        given alone below the inherited ``open_seconds`` it lowers the first open period
-        to itself; ``open_seconds`` given alone above the inherited cap raises the cap.
+        range, and the one cross-field rule (``max_open_seconds >= open_seconds``) is
+        settled here when the file sets only one side of it. ``max_open_seconds`` caps
+        every open period, so given alone below the inherited ``open_seconds`` it lowers
+        the first open period to itself; ``open_seconds`` given alone above the inherited
+        cap raises the cap.
         """
         changes: dict[str, Any] = {
             f.name: getattr(overrides, f.name)
