@@ -107,6 +107,14 @@ async def serve(
     state.api_listening = True
     api_url, metrics_url = _bound(api_runner), _bound(admin_runner)
     LOG.info("cb-proxy listening: api %s, metrics %s, rules %s", api_url, metrics_url, rules.source)
+    if settings.shutdown_delay > settings.grace_period:
+        # The delay is part of the grace period (docs/architecture.md), so it is cut to fit.
+        LOG.warning(
+            "shutdown delay %.1f s is longer than the grace period %.1f s: it is cut to %.1f s",
+            settings.shutdown_delay,
+            settings.grace_period,
+            settings.grace_period,
+        )
     print(f"cb-proxy ready api={api_url} metrics={metrics_url}", flush=True)
     if on_ready is not None:
         on_ready(state, api_url, metrics_url)

@@ -430,3 +430,15 @@ async def chat_model(session: aiohttp.ClientSession, url: str, model: str) -> tu
     async with session.post(url + "/v1/chat/completions", json=body) as resp:
         await resp.read()
         return resp.status, resp.headers.get("x-cb-provider", "")
+
+
+async def test_a_shutdown_delay_longer_than_the_grace_period_is_cut_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_mock() as a:
+        path = write_rules(tmp_path, RULES.format(a=a.url, b=a.url, target="a"))
+        with caplog.at_level("WARNING", logger="cb_proxy"):
+            async with running_proxy(path, grace_period=2.0, shutdown_delay=5.0):
+                pass
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("shutdown delay 5.0 s is longer than the grace period 2.0 s" in w for w in warnings)
