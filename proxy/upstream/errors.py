@@ -171,9 +171,12 @@ def failure(exc: BaseException, upstream: str, *, doing: str = "") -> Failure:
             Outcome.FAILURE, UpstreamError(f"upstream {upstream} sent a malformed reply: {exc}")
         )
     if isinstance(exc, ConnectFailed | Disconnected):
-        # Refused, reset or closed before any reply: quick and transient, worth one retry.
+        # Refused, reset or closed before any reply: quick and transient, worth one retry on
+        # the same deployment, but only if the request never left: a POST the upstream may
+        # have read and worked on must not run (and be billed) twice there. It fails over.
+        unsent = isinstance(exc, ConnectFailed) or not exc.request_written
         return Failure(
-            Outcome.FAILURE, UpstreamError(f"upstream {upstream} unreachable: {exc}"), True
+            Outcome.FAILURE, UpstreamError(f"upstream {upstream} unreachable: {exc}"), unsent
         )
     if isinstance(exc, PayloadError):
         return Failure(Outcome.FAILURE, UpstreamError(f"upstream {upstream} failed: {exc}"))

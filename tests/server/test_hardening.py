@@ -758,3 +758,31 @@ async def test_a_relayed_retry_after_is_rounded_up_with_the_milliseconds(
     assert headers["retry-after"] == seconds
     assert headers["retry-after-ms"] == millis
     assert caught.value.response.json()["error"]["message"] == "slow down"
+
+
+async def test_a_written_post_is_not_retried_on_the_same_deployment_either(
+    tmp_path: Path,
+) -> None:
+    """The pool does not resend it, and the attempt loop's quick retry must not either."""
+    retry_rules = """
+version: 1
+providers:
+  primary: {{type: openai, base_url: "{primary}/v1",
+            breaker: {{failure_threshold: 100, min_throughput: 1000}}}}
+models:
+  solo: {{provider: primary}}
+defaults:
+  retry: {{max_attempts: 4, same_deployment_retries: 2, max_retry_wait: 1,
+           backoff_ms: 1, max_backoff_ms: 2}}
+"""
+    async with RawUpstream(keep_alive_then("crash")) as up:
+        path = write_rules(tmp_path, retry_rules.format(primary=up.url))
+        async with (
+            running_proxy(path, environ={}) as proxy,
+            AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0) as sdk,
+        ):
+            await sdk.chat.completions.create(model="solo", messages=CHAT)  # leaves a keep-alive
+            with pytest.raises(openai.APIStatusError) as info:
+                await sdk.chat.completions.create(model="solo", messages=CHAT)
+            assert info.value.status_code == 502
+            assert len(up.requests) == 2  # the crashed POST reached the upstream once
