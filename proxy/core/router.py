@@ -58,10 +58,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from proxy.config.model import TASK_TYPES, CostCap, Model, RuleSet, TaskType, VirtualModel, Weights
+from proxy.config.model import (
+    MODEL_ENDPOINTS,
+    TASK_TYPES,
+    CostCap,
+    Model,
+    RuleSet,
+    TaskType,
+    VirtualModel,
+    Weights,
+)
 from proxy.core.candidates import Candidate, LiveView, UpstreamStats
 from proxy.core.errors import InvalidRequest, ModelNotFound
-from proxy.core.prefs import EXTENSION_KEY, RequestPrefs
+from proxy.core.prefs import RequestPrefs
 from proxy.core.strategies import (
     UNKNOWN_LATENCY,
     Pool,
@@ -105,6 +114,8 @@ class RoutePlan:
     prompt_tokens: int = 0
     max_cost: CostCap | None = None
     max_latency_ms: float | None = None
+    # Request fallbacks skipped (unknown, or not serving the endpoint): ``x-cb-warning``.
+    warnings: tuple[str, ...] = ()
 
     @property
     def rejected(self) -> tuple[Rejection, ...]:
@@ -136,6 +147,22 @@ class _Target:
     name: str
     virtual: VirtualModel | None
     pool: Pool
+    # endpoint -> indices of the pool whose model does not serve it (models.*.endpoints);
+    # an endpoint every deployment serves is absent.
+    unfit: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def _unfit(pool: Pool, rules: RuleSet) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for endpoint in MODEL_ENDPOINTS:
+        idx = tuple(
+            i
+            for i, cand in enumerate(pool.cands)
+            if not rules.models[cand.deployment.model].serves(endpoint)
+        )
+        if idx:
+            out[endpoint] = idx
+    return out
 
 
 def _pool(models: Sequence[Model], rules: RuleSet, cache: dict[str, Candidate]) -> Pool:
@@ -182,7 +209,8 @@ def _compile(rules: RuleSet) -> dict[str, _Target]:
     cache: dict[str, Candidate] = {}
     targets: dict[str, _Target] = {}
     for name, model in rules.models.items():
-        targets[name] = _Target(name, None, _pool([model], rules, cache))
+        pool = _pool([model], rules, cache)
+        targets[name] = _Target(name, None, pool, _unfit(pool, rules))
     for alias, canonical in rules.model_index.items():
         targets.setdefault(alias, targets[canonical])
     # A virtual model without candidates takes every chat model: embedding models
@@ -194,7 +222,8 @@ def _compile(rules: RuleSet) -> dict[str, _Target]:
             models = chat_models
         else:
             models = [rules.models[n] for n in virtual.candidates if n in rules.models]
-        targets[name] = _Target(name, virtual, _pool(models, rules, cache))
+        pool = _pool(models, rules, cache)
+        targets[name] = _Target(name, virtual, pool, _unfit(pool, rules))
     return targets
 
 
@@ -233,6 +262,24 @@ def unknown_model_error(rules: RuleSet, name: str) -> ModelNotFound:
         f"The model '{name}' does not exist in the proxy's rules. "
         f"Models: {', '.join(known) or 'none'}. Virtual models: {', '.join(virtual) or 'none'}.",
         param="model",
+    )
+
+
+ENDPOINT_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+def wrong_endpoint_error(model: Model, endpoint: str) -> InvalidRequest:
+    """A concrete model asked for on an endpoint it does not serve (models.*.endpoints)."""
+    serves = ", ".join(ENDPOINT_PATHS.get(e, e) for e in model.endpoints)
+    return InvalidRequest(
+        f"The model '{model.name}' does not serve {ENDPOINT_PATHS.get(endpoint, endpoint)}; "
+        f"it serves {serves}.",
+        param="model",
+        code="model_not_supported",
     )
 
 
@@ -276,6 +323,7 @@ def _latency_violation(live: float | None, prior: float, cap: float) -> str:
 # --------------------------------------------------------------------------- drops
 
 NO_KEY = "no key"
+ENDPOINT = "endpoint"
 CONTEXT = "context window"
 COST = "cost"
 LATENCY = "latency"
@@ -300,6 +348,8 @@ class _Drop:
         pool, limit = self.pool, self.limit
         if self.kind == NO_KEY:
             return f"no key ({pool.cands[i].provider.api_key_env} unset)"
+        if self.kind == ENDPOINT:
+            return f"does not serve {ENDPOINT_PATHS.get(str(limit), limit)}"
         if self.kind == CONTEXT:
             return f"context window {pool.windows[i]:.0f} < estimated prompt {limit} tokens"
         if isinstance(limit, CostCap):
@@ -307,6 +357,21 @@ class _Drop:
         if isinstance(limit, float):
             return _latency_violation(self.measured[pool.pidx[i]], pool.priors[i], limit)
         return self.kind
+
+
+def _serving(
+    target: _Target, idx: Sequence[int], endpoint: str | None, drops: list[_Drop]
+) -> Sequence[int]:
+    """``idx`` without the deployments whose model does not serve ``endpoint`` (recorded)."""
+    unfit = target.unfit.get(endpoint) if endpoint else None
+    if not unfit:
+        return idx
+    out = set(unfit)
+    dropped = tuple(i for i in idx if i in out)
+    if not dropped:
+        return idx
+    drops.append(_Drop(ENDPOINT, target.pool, dropped, endpoint))
+    return [i for i in idx if i not in out]
 
 
 def _missing(idx: Sequence[int], keep: Sequence[int]) -> tuple[int, ...]:
@@ -410,6 +475,14 @@ class _Planner(Ranker):
 # --------------------------------------------------------------------------- plan_route
 
 
+def _rewritten(rules: RuleSet, name: str, headers: Mapping[str, str]) -> str:
+    """A request fallback after the routes, as the requested model would be."""
+    if not rules.routes:
+        return name
+    route = rules.match_route(name, headers)
+    return name if route is None or route.rewrite_model is None else route.rewrite_model
+
+
 def plan_route(
     rules: RuleSet,
     requested: str,
@@ -419,11 +492,15 @@ def plan_route(
     *,
     messages: Sequence[Mapping[str, object]] = (),
     prompt_tokens: int = 0,
+    endpoint: str | None = None,
 ) -> RoutePlan:
     """Resolve a request's model into an ordered candidate list (see the module docstring).
 
-    Raises ModelNotFound (404) for an unknown name and InvalidRequest (400) for
-    an unknown fallback or when the drops leave no candidate.
+    ``endpoint`` (``chat``, ``completions``, ``embeddings``; None = not checked) keeps
+    out every deployment whose model does not serve it. Raises ModelNotFound (404) for
+    an unknown name, InvalidRequest (400) for a model that does not serve the endpoint
+    or when the drops leave no candidate. A request fallback that is unknown or serves
+    no deployment for the endpoint is skipped, with a warning in ``warnings``.
     """
     targets = _compiled(rules)
     route = rules.match_route(requested, headers) if rules.routes else None
@@ -438,6 +515,9 @@ def plan_route(
         raise unknown_model_error(rules, name)
     virtual = target.virtual
     pool = target.pool
+    unfit = target.unfit.get(endpoint) if endpoint else None
+    if unfit and virtual is None and len(unfit) == len(pool.cands):
+        raise wrong_endpoint_error(rules.models[target.name], str(endpoint))
     strategy: str = prefs.routing_strategy or (
         virtual.strategy if virtual is not None else rules.defaults.strategy
     )
@@ -458,6 +538,7 @@ def plan_route(
         and latency_cap is None
         and prompt_tokens <= pool.min_window
         and live.has_key(pool.cands[0].provider)
+        and not unfit
     ):
         return RoutePlan(
             requested=requested,
@@ -481,13 +562,21 @@ def plan_route(
     planner = _Planner(live, prefs, virtual, messages, rules.defaults.weights)
     drops: list[_Drop] = []
     primary = planner.ordered(
-        strategy, pool, planner.eligible(pool, prompt_tokens, cost_cap, latency_cap, drops)
+        strategy,
+        pool,
+        _serving(
+            target,
+            planner.eligible(pool, prompt_tokens, cost_cap, latency_cap, drops),
+            endpoint,
+            drops,
+        ),
     )
     reason = primary.reason
     if primary.cands and len(pool.cands) == 1 and virtual is None:
         reason = "as requested"
     candidates: Sequence[Candidate] = primary.cands
     primary_count = len(candidates)
+    warnings: list[str] = []
 
     if prefs.fallback_models or rule_fallbacks:
         candidates = list(candidates)
@@ -495,18 +584,32 @@ def plan_route(
         # The request's own fallbacks are exempt from the constraints (module docstring).
         for group, binding in ((prefs.fallback_models, False), (rule_fallbacks, True)):
             for fallback in group:
-                fb = targets.get(fallback)
+                fb = targets.get(_rewritten(rules, fallback, headers) if not binding else fallback)
                 if fb is None:
-                    raise InvalidRequest(
-                        f"fallback model '{fallback}' does not exist in the proxy's rules",
-                        param=f"{EXTENSION_KEY}.fallback_models",
+                    # A client's unknown fallback costs it that fallback, not the request.
+                    warnings.append(
+                        f"fallback model '{fallback}' does not exist in the proxy's rules; skipped"
                     )
+                    continue
                 fb_pool = fb.pool
-                fb_idx = planner.eligible(
-                    fb_pool,
-                    prompt_tokens,
-                    cost_cap if binding else None,
-                    latency_cap if binding else None,
+                fb_unfit = fb.unfit.get(endpoint) if endpoint else None
+                if fb_unfit and len(fb_unfit) == len(fb_pool.cands):
+                    if not binding:
+                        path = ENDPOINT_PATHS.get(str(endpoint), endpoint)
+                        warnings.append(
+                            f"fallback model '{fallback}' does not serve {path}; skipped"
+                        )
+                    continue
+                fb_idx = _serving(
+                    fb,
+                    planner.eligible(
+                        fb_pool,
+                        prompt_tokens,
+                        cost_cap if binding else None,
+                        latency_cap if binding else None,
+                        drops,
+                    ),
+                    endpoint,
                     drops,
                 )
                 fresh: Sequence[int] = [i for i in fb_idx if fb_pool.keys[i] not in seen]
@@ -545,4 +648,5 @@ def plan_route(
         prompt_tokens=prompt_tokens,
         max_cost=cost_cap,
         max_latency_ms=latency_cap,
+        warnings=tuple(warnings),
     )

@@ -46,7 +46,12 @@ ROUTE_LOG = logging.getLogger("cb_proxy.route")
 
 
 def log_plan(plan: RoutePlan, request_id: str) -> None:
-    """One structured debug line per request with the whole plan (LOG_LEVEL=debug)."""
+    """One structured debug line per request with the whole plan (LOG_LEVEL=debug).
+
+    A skipped request fallback is a warning line of its own, at any level.
+    """
+    for warning in plan.warnings:
+        ROUTE_LOG.warning("route %s: %s", request_id, warning)
     if ROUTE_LOG.isEnabledFor(logging.DEBUG):
         fields = plan_log_fields(plan)
         fields["request_id"] = request_id
@@ -193,7 +198,14 @@ def _exchange(request: web.Request, endpoint: Endpoint, body: JSONDict, check: C
     prefs = parse_prefs(body.pop(EXTENSION_KEY, None))
     messages, prompt_tokens = routing_inputs(body)
     plan = plan_route(
-        rules, model, request.headers, prefs, state, messages=messages, prompt_tokens=prompt_tokens
+        rules,
+        model,
+        request.headers,
+        prefs,
+        state,
+        messages=messages,
+        prompt_tokens=prompt_tokens,
+        endpoint=endpoint.value,
     )
     info = request[REQUEST_INFO]
     log_plan(plan, info.request_id)  # one debug line with the whole plan; free at info

@@ -158,7 +158,7 @@ def base_headers(ex: Exchange, attempt: Attempt) -> dict[str, str]:
     """The ``x-cb-*`` headers of a proxied reply: the one place they are built."""
     cand = attempt.cand
     dep = cand.deployment
-    return {
+    headers = {
         "x-request-id": ex.request_id,
         "x-cb-provider": header_value(cand.provider.name),
         "x-cb-model": header_value(dep.upstream_model),
@@ -168,6 +168,9 @@ def base_headers(ex: Exchange, attempt: Attempt) -> dict[str, str]:
         "x-cb-breaker-state": attempt.breaker.state.value,
         "x-cb-route": header_value(ex.route_header()),
     }
+    if ex.plan.warnings:  # request fallbacks that were skipped (proxy.core.router)
+        headers["x-cb-warning"] = header_value("; ".join(ex.plan.warnings))
+    return headers
 
 
 def metadata(ex: Exchange, attempt: Attempt, cost: float) -> JSONDict:

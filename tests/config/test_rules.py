@@ -1011,7 +1011,7 @@ def test_default_rules_catalog() -> None:
         for deployment in model.deployments:
             assert deployment.context_window is not None
             assert deployment.latency_ms is not None
-        if name not in embeddings:
+        if model.endpoints == ("chat",):
             assert set(model.quality) == {"chat", "coding", "analysis", "creative"}, name
             assert model.deployments[0].output_cost_per_1k > model.deployments[0].input_cost_per_1k
     assert rules.resolve_model("claude-3-5-haiku") == rules.models["claude-3-5-haiku-20241022"]
@@ -1030,7 +1030,8 @@ def test_demo_rules_use_local_mocks_without_keys() -> None:
     # Legacy names are aliases (they apply to fallbacks too), not a glob route that would
     # also catch the completions model gpt-3.5-turbo-instruct.
     assert rules.model_index["gpt-3.5-turbo-0125"] == "gpt-4o-mini"
-    assert "gpt-3.5-turbo-instruct" not in rules.model_index
+    instruct = rules.models["gpt-3.5-turbo-instruct"]
+    assert instruct.endpoints == ("completions",)
     assert set(CHAT_VIRTUAL_MODELS) <= set(rules.virtual_models)
 
 

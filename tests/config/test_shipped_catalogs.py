@@ -64,5 +64,20 @@ def test_a_legacy_name_is_a_usable_fallback(catalog: RuleSet, name: str) -> None
 
 
 def test_the_instruct_model_is_not_a_chat_alias(catalog: RuleSet) -> None:
-    assert "gpt-3.5-turbo-instruct" not in catalog.model_index
+    assert catalog.model_index.get("gpt-3.5-turbo-instruct") in (None, "gpt-3.5-turbo-instruct")
     assert catalog.match_route("gpt-3.5-turbo-instruct", {}) is None
+
+
+def test_every_shipped_model_declares_its_endpoints(catalog: RuleSet) -> None:
+    for model in catalog.models.values():
+        assert model.endpoints, model.name
+
+
+def test_no_chat_model_serves_completions_and_no_embeddings_model_serves_chat(
+    catalog: RuleSet,
+) -> None:
+    for model in catalog.models.values():
+        if model.quality:  # a chat model: the virtual models' candidates
+            assert model.endpoints == ("chat",), model.name
+        if "embedding" in model.name:
+            assert model.endpoints == ("embeddings",), model.name

@@ -469,10 +469,10 @@ def test_fallbacks_serve_when_the_constraints_leave_no_primary() -> None:
     }
 
 
-def test_unknown_fallback_is_400_naming_the_parameter() -> None:
-    with pytest.raises(InvalidRequest) as info:
-        plan("cheap", fallback_models=["nope"])
-    assert info.value.param == "circuit_breaker.fallback_models"
+def test_unknown_fallback_is_skipped_with_a_warning() -> None:
+    p = plan("cheap", fallback_models=["nope", "fast"])
+    assert order(p) == ["cheap@p1", "fast@p3"]
+    assert p.warnings == ("fallback model 'nope' does not exist in the proxy's rules; skipped",)
 
 
 def test_unknown_names_are_404() -> None:
