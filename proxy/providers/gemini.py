@@ -335,12 +335,19 @@ def path_segment(model: str) -> str:
 
 
 def finish_reason(reason: str, has_calls: bool) -> str:
-    if reason == "STOP":
-        return "tool_calls" if has_calls else "stop"
+    """The OpenAI ``finish_reason`` of a Gemini candidate.
+
+    A reply that carries function calls finishes with ``tool_calls`` whatever Gemini's
+    reason (STOP, an unknown future value, none at all), so clients run the calls;
+    only MAX_TOKENS (``length``) and the safety reasons (``content_filter``) keep their
+    own meaning, since the calls of a cut or blocked reply may be incomplete.
+    """
     if reason == "MAX_TOKENS":
         return "length"
     if reason in FINISH_FILTERED:
         return "content_filter"
+    if has_calls:
+        return "tool_calls"
     return "stop"  # MALFORMED_FUNCTION_CALL and future reasons: never leak raw values
 
 

@@ -691,6 +691,15 @@ def candidate_response(reason: str | None, parts: list[dict[str, Any]]) -> dict[
         ("OTHER", False, "content_filter"),
         ("MALFORMED_FUNCTION_CALL", False, "stop"),
         (None, False, "stop"),
+        # A reply with function calls finishes with tool_calls whatever the reason, except
+        # a cut (length) or a block (content_filter).
+        (None, True, "tool_calls"),
+        ("FINISH_REASON_UNSPECIFIED", True, "tool_calls"),
+        ("UNEXPECTED_TOOL_CALL", True, "tool_calls"),
+        ("MALFORMED_FUNCTION_CALL", True, "tool_calls"),
+        ("MAX_TOKENS", True, "length"),
+        ("SAFETY", True, "content_filter"),
+        ("OTHER", True, "content_filter"),
     ],
 )
 def test_finish_reasons_never_leak(reason: str | None, with_call: bool, finish: str) -> None:
@@ -1215,6 +1224,32 @@ def test_safety_finish_in_stream_is_content_filter() -> None:
     payloads = run_stream([gemini_sse(lines, ["\n\n"])], False)
     assert payloads[-2]["choices"][0]["finish_reason"] == "content_filter"
     assert payloads[-2]["id"] == "chatcmpl-t1"  # no responseId: a generated one, constant
+
+
+@pytest.mark.parametrize(
+    ("reason", "finish"),
+    [
+        ("STOP", "tool_calls"),
+        ("FINISH_REASON_UNSPECIFIED", "tool_calls"),
+        ("UNEXPECTED_TOOL_CALL", "tool_calls"),
+        ("MAX_TOKENS", "length"),
+        ("SAFETY", "content_filter"),
+    ],
+)
+def test_a_streamed_reply_with_calls_finishes_with_tool_calls(reason: str, finish: str) -> None:
+    lines = [
+        b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{}}}],'
+        b'"role":"model"}}]}',
+        b'{"candidates":[{"content":{"parts":[],"role":"model"},"finishReason":"'
+        + reason.encode()
+        + b'"}]}',
+    ]
+    payloads = run_stream([gemini_sse(lines, ["\n\n"])], False)
+    finishes = [
+        p["choices"][0]["finish_reason"] for p in payloads if isinstance(p, dict) and p["choices"]
+    ]
+    assert finishes[-1] == finish
+    assert finishes[:-1] == [None] * (len(finishes) - 1)
 
 
 def test_blocked_prompt_in_stream_is_a_400_before_content() -> None:
