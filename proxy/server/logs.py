@@ -100,9 +100,59 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
+def _text_value(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_text_value(v)}" for k, v in value.items())
+    text = str(value)
+    return repr(text) if not text or any(c.isspace() for c in text) else text
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, then a record's structured ``cb`` fields when they hold lists.
+
+    The JSON format carries them as keys; here the scalar fields follow on one indented
+    line (``key=value``) and each list of records (a route plan's ``candidates`` and
+    ``rejected``) gets one indented line per item, so the debug line of a request shows
+    the whole plan and every rejection, as in JSON.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = getattr(record, "cb", None)
+        if not isinstance(extra, dict) or not any(isinstance(v, list) for v in extra.values()):
+            return text  # one-line records (admin, health) say it all in their message
+        scalars = []
+        lines = [text]
+        lists: list[tuple[str, list[object]]] = []
+        for key, value in extra.items():
+            if isinstance(value, list):
+                lists.append((key, value))
+            else:
+                scalars.append(f"{key}={_text_value(value)}")
+        if scalars:
+            lines.append("  " + " ".join(scalars))
+        for key, items in lists:
+            if not items:
+                lines.append(f"  {key}: none")
+            for n, item in enumerate(items, start=1):
+                if isinstance(item, dict):
+                    fields = " ".join(f"{k}={_text_value(v)}" for k, v in item.items())
+                else:
+                    fields = _text_value(item)
+                lines.append(f"  {key}[{n}] {fields}")
+        return "\n".join(lines)
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
