@@ -32,10 +32,12 @@ Invariants, true between any two calls:
    is positive or -1 with no samples.
 9. ``permit`` and ``record`` are O(1) amortised: no sorting, no scans longer
    than ``half_open_probes``. The stall rule keeps its attempts in a FIFO in
-   grant order; each permit enters it once and leaves it once.
+   send order; each permit enters it at most once and leaves it once.
 10. Stalls (docs/breaker.md, 'Stalled attempts count as they age'): with a
     stall threshold (``CircuitBreakerConfig.stall_seconds`` > 0), every
-    counted permit granted in ``closed`` is tracked until it is reported.
+    counted permit granted in ``closed`` is tracked from ``sent`` (its request
+    left the proxy) until it is reported; time spent before that, waiting for
+    the proxy's own resources, never ages it.
     ``stalled`` = tracked permits of the current generation older than the
     threshold and not yet reported; ``stalled_streak`` = those of them that
     became stale after the last success. The trip rules read
@@ -371,9 +373,9 @@ class CircuitBreaker:
             now = self._clock()
             self._judge_stalls(now)
             if self._state is State.CLOSED:
-                permit = Permit(self._generation, False, True, now)
-                self._young.append(permit)
-                return permit
+                # Tracked for stalls from ``sent`` on: time spent waiting for the proxy's own
+                # resources (a pooled connection) before the request left is never a stall.
+                return Permit(self._generation, False, True, now)
         else:
             now = self._clock()
             self._advance(now)
@@ -440,6 +442,24 @@ class CircuitBreaker:
         if self._should_trip():
             self._fire(Event.TRIP, now, retry_after if failed else None)
 
+    def sent(self, permit: Permit) -> None:
+        """The call's request left the proxy now: from here on it may age into a stall.
+
+        Calls are tracked in the order they are sent, which keeps the FIFO ordered by
+        start time (invariant 10). A call that never leaves (the proxy's own failure)
+        is never tracked, so it can never count against the upstream.
+        """
+        if (
+            self._stall
+            and permit.counted
+            and not permit.probe
+            and not (permit.done or permit.answered)
+            and permit.generation == self._generation
+            and self._state is State.CLOSED
+        ):
+            permit.started_at = self._clock()
+            self._young.append(permit)
+
     def first_token(self, permit: Permit) -> None:
         """The call's first token arrived (response headers, or a stream's first content).
 
@@ -473,6 +493,7 @@ class CircuitBreaker:
         if permit is None:
             raise CircuitOpenError(self.name, self.retry_after_seconds())
         started = self._clock()
+        self.sent(permit)
         try:
             result = await fn(*args, **kwargs)
         except Exception:

@@ -95,6 +95,10 @@ class Attempt:
         self.ttft: float | None = None
         self._done = False
 
+    def sent(self) -> None:
+        """The request left the proxy: the breaker may judge it stalled from now on."""
+        self.breaker.sent(self.permit)
+
     def first_token(self) -> None:
         if self.ttft is None:
             self.ttft = time.monotonic() - self.started

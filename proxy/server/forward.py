@@ -325,7 +325,7 @@ async def _send(
     # The request's total deadline (docs/breaker.md: the outermost layer) bounds every attempt.
     total_deadline = min(sent + timeouts.total, request_deadline)
     phase = _Phase.CONNECT
-    progress = Progress()
+    progress = Progress(attempt.sent)
     try:
         with ex.state.watchdog.guard(min(sent + timeouts.first_token, total_deadline)) as deadline:
             resp = await pool.request(

@@ -650,13 +650,15 @@ class Progress:
     ``connecting``: a new connection was being opened (not waiting for a pooled slot);
     ``written``: the request was handed to a connection. A deadline that fires before
     ``written`` found the upstream without the request (docs/upstream.md).
+    ``on_written`` is called once at that moment (the breaker starts judging stalls there).
     """
 
-    __slots__ = ("connecting", "written")
+    __slots__ = ("connecting", "on_written", "written")
 
-    def __init__(self) -> None:
+    def __init__(self, on_written: Callable[[], None] | None = None) -> None:
         self.connecting = False
         self.written = False
+        self.on_written = on_written
 
 
 class UpstreamPool:
@@ -690,6 +692,9 @@ class UpstreamPool:
         self._max_header_bytes = max_header_bytes
         self._clock = clock
         self.opener = opener
+        # Called with the origin each time a request starts waiting for a connection (its
+        # cap reached): an observation point for tests and diagnostics; None = nobody asks.
+        self.on_queue: Callable[[Origin], None] | None = None
         self.proxies = EgressProxies(env)
         self._closed = False
 
@@ -714,6 +719,10 @@ class UpstreamPool:
 
     def open_connections(self, origin: Origin) -> int:
         return self._open.get(origin, 0)
+
+    def waiting(self, origin: Origin) -> int:
+        """Requests queued for a connection to ``origin`` (its cap is reached)."""
+        return sum(not w.done() for w in self._waiters.get(origin, ()))
 
     def put(self, conn: _Connection) -> None:
         conn.active = False
@@ -786,6 +795,8 @@ class UpstreamPool:
             waiter: asyncio.Future[None] = loop.create_future()
             queue = self._waiters.setdefault(origin, deque())
             queue.append(waiter)
+            if self.on_queue is not None:
+                self.on_queue(origin)
             try:
                 if left <= 0:
                     raise TimeoutError
@@ -867,6 +878,8 @@ class UpstreamPool:
             conn = await self._acquire(origin, connect_timeout, reuse=True, progress=progress)
         if progress is not None:
             progress.written = True
+            if progress.on_written is not None:
+                progress.on_written()
         try:
             return await self._exchange(conn, head, body, head_only)
         except Disconnected as exc:

@@ -53,6 +53,7 @@ class BreakerMachine(RuleBasedStateMachine):
             on_transition=lambda _name, a, b: self.transitions.append((a, b)),
         )
         self.outstanding: list[Permit] = []
+        self.sent_ids: set[int] = set()
         self.reported: list[Permit] = []
 
     @initialize(monitor=st.booleans())
@@ -75,6 +76,15 @@ class BreakerMachine(RuleBasedStateMachine):
         assert (permit is None) is blocked
         if permit is not None:
             self.outstanding.append(permit)
+
+    @rule(data=st.data())
+    def sent(self, data: st.DataObject) -> None:
+        """A request leaves the proxy (tracked for stalls from here on), once per permit."""
+        unsent = [p for p in self.outstanding if id(p) not in self.sent_ids]
+        if unsent:
+            permit = data.draw(st.sampled_from(unsent))
+            self.sent_ids.add(id(permit))
+            self.breaker.sent(permit)
 
     @rule(
         data=st.data(),
@@ -159,6 +169,7 @@ class BreakerMachine(RuleBasedStateMachine):
                 1
                 for p in self.outstanding
                 if p.generation == metrics["generation"]
+                and id(p) in self.sent_ids  # tracked from ``sent`` on
                 and p.counted
                 and not p.probe
                 and not p.answered

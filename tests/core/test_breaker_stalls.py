@@ -44,9 +44,13 @@ def make(
 
 
 def grant(breaker: CircuitBreaker, count: int = 1) -> list[Permit]:
+    """``count`` permits whose requests were sent (the stall clock starts at ``sent``)."""
     permits = [breaker.permit() for _ in range(count)]
     assert all(p is not None for p in permits)
-    return [p for p in permits if p is not None]
+    granted = [p for p in permits if p is not None]
+    for permit in granted:
+        breaker.sent(permit)
+    return granted
 
 
 def stalled(breaker: CircuitBreaker) -> tuple[int, int]:
@@ -329,4 +333,25 @@ def test_a_late_first_token_withdraws_the_provisional_failure() -> None:
     assert stalled(breaker) == (2, 2)
     assert state(breaker) is State.CLOSED  # 2 of 3
     breaker.record(slow[0], Outcome.FAILURE)  # its real outcome counts, once
+    assert transitions.pairs == [(State.CLOSED, State.OPEN)]
+
+
+def test_waiting_before_the_request_left_is_never_a_stall() -> None:
+    """Time queued for the proxy's own resources (a pooled connection) does not age a call."""
+    clock, transitions = FakeClock(), Transitions()
+    breaker = make(clock, transitions)
+    waiting = [breaker.permit() for _ in range(5)]
+    assert all(p is not None for p in waiting)
+    clock.advance(STALL * 10)  # queued far past the threshold, never sent
+    assert breaker.permit() is not None
+    assert stalled(breaker) == (0, 0)
+    assert transitions.pairs == []
+    for permit in waiting:
+        assert permit is not None
+        breaker.sent(permit)  # the slots came free: the requests leave now
+    clock.advance(STALL / 2)
+    assert breaker.permit() is not None
+    assert stalled(breaker) == (0, 0)
+    clock.advance(STALL)
+    breaker.permit()  # aged from when they left: now they count, and open the breaker
     assert transitions.pairs == [(State.CLOSED, State.OPEN)]

@@ -356,3 +356,48 @@ async def test_a_stalled_upstream_opens_after_threshold_stuck_requests(tmp_path:
             scrape.total("cb_proxy_rejections_total", upstream="primary", reason="breaker_open")
             == 1
         )
+
+
+async def test_waiting_for_a_pooled_connection_never_ages_into_a_stall(tmp_path: Path) -> None:
+    """Requests queued behind the per-host cap have not reached the upstream: no stall."""
+    first_token, threshold = 3.0, 3
+    async with (
+        rig(
+            tmp_path,
+            connect=10,
+            first_token=first_token,
+            threshold=threshold,
+            upstream_max_connections_per_host=1,
+        ) as r,
+        session() as client,
+    ):
+        clock = SteppedClock()
+        r.proxy.state.breakers.use_clock(clock)
+        await r.primary.set_fault(kind="stall")
+        holder = asyncio.create_task(post(client, r.proxy, SOLO))  # takes the only connection
+        await r.primary.wait_in_flight(1)
+        pool = r.proxy.state.upstream
+        assert pool is not None
+        all_queued = asyncio.Event()
+        queued_count = 0
+
+        def on_queue(origin: object) -> None:
+            nonlocal queued_count
+            queued_count += 1
+            if queued_count == 4:
+                all_queued.set()
+
+        pool.on_queue = on_queue
+        queued = [asyncio.create_task(post(client, r.proxy, SOLO)) for _ in range(4)]
+        async with asyncio.timeout(5):
+            await all_queued.wait()
+        origin = ("http", "127.0.0.1", int(r.primary.url.rsplit(":", 1)[1]))
+        assert pool.waiting(origin) == 4
+        clock.step(STALL_FRACTION * first_token * 4)  # everything aged far past the threshold
+        breaker = r.proxy.state.breaker("primary")
+        assert breaker.state is State.CLOSED
+        assert breaker.get_metrics()["stalled"] == 1  # only the request that was sent
+        r.primary.clear_faults()
+        answers = await asyncio.gather(holder, *queued)
+        assert [a.status for a in answers] == [200] * 5
+        assert breaker.state is State.CLOSED
