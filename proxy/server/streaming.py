@@ -36,7 +36,7 @@ from proxy.server.exchange import (
 )
 from proxy.upstream.client import Response
 from proxy.upstream.deadline import Guard
-from proxy.upstream.errors import UPSTREAM_ERRORS, failure
+from proxy.upstream.errors import UPSTREAM_ERRORS, BodyTooLarge, failure
 
 LOG = logging.getLogger("cb_proxy.forward")
 SSE_HEADERS = {
@@ -179,13 +179,24 @@ async def stream(
     # Phase 1: hold everything until the first content event; failures here fail over.
     # The caller's deadline (first token) applies; its TimeoutError is handled there, and so
     # are the transport errors (proxy.upstream.errors), which reach it from here unchanged.
+    # What is held before the commit point is bounded like a plain reply: an upstream that
+    # streams preamble (role-only deltas, comments) without end is a failure, not a leak.
     held: list[bytes] = []
+    held_bytes = 0
+    limit = ex.state.settings.upstream_max_body_bytes
     try:
         while not relay.has_content:
             chunk = await resp.read_chunk()
             if not chunk:
                 held.append(relay.finish())
                 break
+            # Counted as read: the relay may keep pre-commit bytes itself rather than return them.
+            held_bytes += len(chunk)
+            if held_bytes > limit:
+                raise BodyTooLarge(
+                    f"{held_bytes} bytes of stream before its first content event; the limit "
+                    f"is {limit} (CB_UPSTREAM_MAX_BODY_BYTES)"
+                )
             held.append(relay.feed(chunk))
     except StreamError as exc:
         raise AttemptFailed(

@@ -203,6 +203,27 @@ async def test_an_sse_event_over_the_limit_before_content_is_a_502(tmp_path: Pat
     assert up.bytes_written < TAKEN_BOUND
 
 
+async def test_endless_preamble_before_the_first_content_is_bounded_and_a_502(
+    tmp_path: Path,
+) -> None:
+    """Role-only deltas without end: every event is small, their sum is held until content."""
+    role = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+    role += b'"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}\n\n'
+    block = role * (64 * 1024 // len(role))
+    reply = RawReply(chunks=[block] * 1024)  # ~64 MiB of preamble if nobody stopped it
+    async with (
+        RawStreamServer(reply) as up,
+        rig(tmp_path, up.url, upstream_max_body_bytes=2 * MiB) as r,
+    ):
+        status, raw = await post(r.proxy, {**BODY, "stream": True})
+        assert status == 502
+        error = error_of(raw)
+        assert error["code"] == "upstream_response_too_large"
+        assert "before its first content event" in error["message"]
+        assert reports(r.proxy, "primary")["failure"] == 1
+    assert up.bytes_written < TAKEN_BOUND
+
+
 async def test_an_sse_event_over_the_limit_after_content_is_an_in_band_error(
     tmp_path: Path,
 ) -> None:
