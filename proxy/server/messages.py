@@ -127,6 +127,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         state,
         messages=msgs,
         prompt_tokens=prompt_tokens,
+        endpoint=Endpoint.CHAT.value,  # a Messages request is a chat, never an embeddings one
     )
     info = request[REQUEST_INFO]
     log_plan(plan, info.request_id)
@@ -186,7 +187,7 @@ async def _count_tokens(request: web.Request) -> web.StreamResponse:
     msgs, prompt_tokens = routing_inputs(chat)
     plan = plan_route(
         state.rules, chat["model"], request.headers, prefs, state, messages=msgs,
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=prompt_tokens, endpoint=Endpoint.CHAT.value,
     )  # fmt: skip
     info = request[REQUEST_INFO]
     info.model = plan.resolved

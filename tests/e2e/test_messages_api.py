@@ -54,6 +54,10 @@ models:
     provider: gem
     input_cost_per_1k: 0.0001
     output_cost_per_1k: 0.0004
+  embed-only:
+    provider: oai
+    upstream_model: text-embedding-3-small
+    endpoints: [embeddings]
   claude-with-backup:
     deployments:
       - {{provider: claude, upstream_model: claude-3-5-haiku-latest}}
@@ -267,6 +271,16 @@ async def test_unknown_model_is_an_anthropic_error(trio: Trio) -> None:
     body: Any = caught.value.body
     assert body["type"] == "error"
     assert body["error"]["type"] in ("invalid_request_error", "not_found_error")
+
+
+async def test_an_embeddings_model_never_serves_a_message(trio: Trio) -> None:
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await trio.sdk.messages.create(model="embed-only", max_tokens=8, messages=HELLO)
+    assert caught.value.status_code == 400
+    body: Any = caught.value.body
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert trio.openai.stats()["requests"] == 0
 
 
 async def test_missing_max_tokens_is_invalid_request(trio: Trio) -> None:
