@@ -1,5 +1,5 @@
 # Make targets are the interface for humans and CI alike. `make test` works from a fresh clone:
-# it builds its own virtualenv and installs the Debian tools it needs (promtool, wrk, node, npm)
+# it builds its own virtualenv and installs the Debian tools it needs (promtool, wrk, nginx, node, npm, curl)
 # and the openai npm package the Node end-to-end test drives (tests/e2e/node).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_TOOLS := promtool:prometheus wrk:wrk nginx:nginx node:nodejs npm:npm
+APT_TOOLS := promtool:prometheus wrk:wrk nginx:nginx node:nodejs npm:npm curl:curl
 NODE_DIR := tests/e2e/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed-stamp
 
