@@ -288,9 +288,15 @@ async def relay_rest(
                     # deadline runs while writing (the upstream is paused by backpressure).
                     gap.when = total_deadline
                     await write(out, redact(data))
-                # The idle gap from now (Guard.reschedule inlined: this runs per chunk).
+                # The idle gap from now (Guard.reschedule inlined: this runs per chunk). Later
+                # than before: an attribute write; earlier than its wheel slot (the sweep filed
+                # it at the total deadline during a write): filed again.
                 when = loop.time() + idle
-                gap.when = when if when < total_deadline else total_deadline
+                if when > total_deadline:
+                    when = total_deadline
+                gap.when = when
+                if when < gap.filed_at:
+                    gap.refile()
     except StreamError as exc:
         failed = exc.info.body
     except UPSTREAM_ERRORS as exc:

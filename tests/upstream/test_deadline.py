@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -482,3 +483,122 @@ async def test_close_cancels_the_pending_sweep() -> None:
     dog.close()
     assert handle.cancelled()
     assert dog._handle is None
+
+
+# -- the timing wheel: a sweep looks at the due guards only ---------------------------------
+
+
+async def test_a_sweep_leaves_guards_far_from_due_alone(dog: Watchdog) -> None:
+    """O(due), not O(active): guards filed far ahead are not even looked at by a sweep."""
+    far = now() + 60
+    with contextlib.ExitStack() as stack:
+        guards = [stack.enter_context(dog.guard(far + i * TICK)) for i in range(200)]
+        slots_before = {id(g): g._slot for g in guards}
+        buckets_before = {slot: id(bucket) for slot, bucket in dog._slots.items()}
+        for _ in range(3):
+            await next_tick_after(dog)
+        assert {id(g): g._slot for g in guards} == slots_before
+        assert {slot: id(bucket) for slot, bucket in dog._slots.items()} == buckets_before
+        assert dog.filed() == 200
+    assert dog.filed() == 0
+    assert dog._slots == {}
+
+
+async def test_an_attribute_write_later_is_found_by_the_sweep_and_refiled(dog: Watchdog) -> None:
+    start = now()
+    first = start + 0.02
+    later = start + 0.15
+
+    async def body() -> Guard:
+        with dog.guard(first) as guard:
+            guard.when = later  # the relay's per-chunk write: no refiling here
+            await forever()
+        return guard  # pragma: no cover
+
+    task = asyncio.create_task(body())
+    await asyncio.sleep(0.06)  # past the slot it was filed in: found not due, refiled
+    assert not task.done()
+    with pytest.raises(TimeoutError):
+        await task
+    assert later <= now() < later + LATE
+
+
+async def test_an_earlier_write_below_the_slot_is_refiled_at_once(dog: Watchdog) -> None:
+    """The relay_rest pattern: the total deadline while writing, then the idle gap again."""
+    start = now()
+
+    async def body() -> None:
+        with dog.guard(start + 60) as guard:
+            assert guard.filed_at <= start + 60
+            when = start + 0.03
+            guard.when = when
+            assert when < guard.filed_at
+            guard.refile()
+            assert guard.filed_at <= when
+            await forever()
+
+    with pytest.raises(TimeoutError):
+        await body()
+    assert start + 0.03 <= now() < start + 0.03 + LATE
+
+
+async def test_a_guard_without_deadline_is_not_filed_until_it_gets_one(dog: Watchdog) -> None:
+    start = now()
+
+    async def body() -> None:
+        with dog.guard(None) as guard:
+            assert guard._slot is None
+            assert dog.filed() == 0
+            await asyncio.sleep(2 * TICK)
+            guard.reschedule(start + 0.05)
+            assert dog.filed() == 1
+            await forever()
+
+    with pytest.raises(TimeoutError):
+        await body()
+    assert start + 0.05 <= now() < start + 0.05 + LATE
+
+
+async def test_a_deadline_already_past_on_entry_fires_at_the_next_sweep(dog: Watchdog) -> None:
+    with dog.guard(now() + 60):  # keeps the sweep running and its slot cursor current
+        await next_tick_after(dog)
+        with pytest.raises(TimeoutError), dog.guard(now() - 10):
+            await forever()
+
+
+async def test_a_stalled_loop_catches_up_on_every_slot_it_missed(dog: Watchdog) -> None:
+    start = now()
+
+    async def one(delay: float) -> float:
+        with contextlib.suppress(TimeoutError), dog.guard(start + delay):
+            await forever()
+        return now()
+
+    tasks = [asyncio.create_task(one(d)) for d in (0.02, 0.04, 0.06, 60)]
+    await asyncio.sleep(0)
+    time.sleep(0.1)  # noqa: ASYNC251 -- the loop is blocked past three deadlines (many ticks)
+    fired = await asyncio.wait_for(asyncio.gather(*tasks[:3]), WAIT)
+    assert all(start + 0.1 <= t < start + 0.1 + LATE for t in fired)
+    assert not tasks[3].done()
+    tasks[3].cancel()
+
+
+async def test_the_wheel_restarts_cleanly_after_an_idle_spell(dog: Watchdog) -> None:
+    with dog.guard(None):
+        pass
+    await next_tick_after(dog)
+    assert dog._handle is None
+    await asyncio.sleep(5 * TICK)  # idle: the slot cursor falls behind
+    when = now() + 0.02
+    with pytest.raises(TimeoutError), dog.guard(when):
+        await forever()
+    assert when <= now() < when + LATE
+
+
+async def test_an_exited_guard_holds_no_task_and_cannot_fire(dog: Watchdog) -> None:
+    with dog.guard(now() + 0.01) as guard:
+        pass
+    assert guard._task is None
+    assert guard._slot is None
+    guard.fire()
+    assert not guard.expired()
