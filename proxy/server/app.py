@@ -63,6 +63,13 @@ def render_error(err: ProxyError, rid: str) -> web.Response:
     )
 
 
+def _render(request: web.Request, err: ProxyError, rid: str) -> web.Response:
+    """The error in the shape of the API the client speaks: Anthropic's under /v1/messages."""
+    if request.path.startswith(messages.PATH_PREFIX):
+        return messages.error_response(err, rid)
+    return render_error(err, rid)
+
+
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyError:
     if isinstance(exc, web.HTTPNotFound):
         return NotFound(f"unknown endpoint {request.method} {request.path}")
@@ -80,7 +87,7 @@ def _overloaded(state: ProxyState, request: web.Request, endpoint: str) -> web.R
     rid = request_id(request)
     state.metrics.rejections.labels(admission.NO_UPSTREAM, admission.OVERLOADED).inc()
     state.record_request(endpoint, RequestInfo(rid), 503, 0.0)
-    return render_error(admission.overloaded(state.max_in_flight), rid)
+    return _render(request, admission.overloaded(state.max_in_flight), rid)
 
 
 async def guarded(
@@ -109,22 +116,22 @@ async def guarded(
         status = err.http_status
         if status >= 500:
             LOG.warning("request %s failed: %s", rid, err.message)
-        return render_error(err, rid)
+        return _render(request, err, rid)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         converted = _from_http_exception(exc, request)
         status = converted.http_status
-        return render_error(converted, rid)
+        return _render(request, converted, rid)
     except Exception:
         LOG.exception("request %s: unexpected error", rid)
         status = 500
-        return render_error(ProxyError("internal error in the proxy"), rid)
+        return _render(request, ProxyError("internal error in the proxy"), rid)
     except asyncio.CancelledError:
         if not drain.claim():
             raise  # the client went away: nobody to answer
         status = 503  # the grace period ended (server/drain.py): answered, not cut
-        return render_error(shutting_down(), rid)
+        return _render(request, shutting_down(), rid)
     finally:
         drain.leave(task)
         if endpoint is not None:

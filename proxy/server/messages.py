@@ -35,6 +35,7 @@ from proxy.server.state import REQUEST_INFO
 from proxy.server.streaming import REFRAME, StreamRelay
 
 ROUTING_HEADER = "x-cb-routing"
+PATH_PREFIX = "/v1/messages"  # every path of this API: its errors answer in Anthropic's shape
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 COUNT_BODY_LIMIT = 64 * 1024
 # Headers of the proxy's own reply that the translated body invalidates.

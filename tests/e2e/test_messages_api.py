@@ -418,3 +418,33 @@ async def test_error_before_content_fails_over(trio: Trio) -> None:
         final = await stream.get_final_message()
     assert final.content[0].type == "text"
     assert trio.openai.stats()["requests"] == 1
+
+
+async def test_protocol_and_admission_errors_on_the_messages_path_use_anthropics_shape(
+    trio: Trio,
+) -> None:
+    client = trio.sdk._client  # the SDK's httpx client: requests the SDK itself would not send
+    wrong_method = await client.get(trio.proxy.api_url + "/v1/messages")
+    assert wrong_method.status_code == 405
+    body = wrong_method.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    # Admission control answers before anything is read: with no room left, a 503.
+    state = trio.proxy.state
+    saved = state.max_in_flight
+    state.max_in_flight = 1
+    state.in_flight += 1  # one request is (as if) in flight
+    try:
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            await trio.sdk.messages.create(model="claude-3-5-haiku", max_tokens=8, messages=HELLO)
+    finally:
+        state.in_flight -= 1
+        state.max_in_flight = saved
+    assert caught.value.status_code == 503
+    overloaded: Any = caught.value.body
+    assert overloaded["type"] == "error"
+    assert overloaded["error"]["type"] in ("overloaded_error", "api_error")
+    # The OpenAI endpoints keep OpenAI's shape.
+    other = await client.get(trio.proxy.api_url + "/v1/chat/completions")
+    assert "type" not in other.json()
+    assert other.json()["error"]["type"] == "invalid_request_error"
