@@ -44,7 +44,8 @@ from proxy.core.router import plan_route
 from proxy.providers.base import Endpoint
 from proxy.server.metrics import Metrics
 from proxy.server.state import ProxyState, provider_keys
-from proxy.upstream.client import Disconnected, UpstreamPool, _request_head
+from proxy.upstream.client import UpstreamPool, _request_head
+from proxy.upstream.errors import Disconnected
 from tests.fakes.raw import Handler, Peer, RawUpstream, ok
 from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
 from tests.harness import PRIMARY_BACKUP_MODELS, ProxyHandle, running_proxy, write_rules

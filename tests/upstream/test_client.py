@@ -1,4 +1,4 @@
-"""proxy.upstream.client against real sockets on 127.0.0.1: framing, keep-alive, failures, TLS.
+"""The upstream client (proxy.upstream.client, connection, response) on real 127.0.0.1 sockets.
 
 The shared raw server (``tests.fakes.raw.RawUpstream``) runs a script per
 accepted connection that writes exact response bytes, and records what it
@@ -26,19 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.upstream.client import (
-    HIGH_WATER,
-    MAX_HEADER_BYTES,
-    ConnectFailed,
-    ConnectTimeout,
-    Disconnected,
-    PayloadError,
-    Response,
-    UpstreamPool,
-    _Connection,
-    may_resend,
-    split_url,
-)
+from proxy.upstream.client import UpstreamPool, may_resend, split_url
+from proxy.upstream.connection import HIGH_WATER, MAX_HEADER_BYTES, Connection
+from proxy.upstream.errors import ConnectFailed, ConnectTimeout, Disconnected, PayloadError
+from proxy.upstream.response import Response
 from tests.fakes.raw import Handler, Peer, RawUpstream, ok, serving
 from tests.fakes.upstream import RawReply, RawStreamServer
 
@@ -935,7 +926,7 @@ async def test_https_with_an_untrusted_certificate_is_connect_failed(
 
 
 class LoopbacklessTransport(asyncio.Transport):
-    """Just enough transport for a ``_Connection`` fed by hand."""
+    """Just enough transport for a ``Connection`` fed by hand."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -966,7 +957,7 @@ class LoopbacklessTransport(asyncio.Transport):
         self.paused = False
 
 
-class ScriptedConnection(_Connection):
+class ScriptedConnection(Connection):
     """Each time the reader waits, the next piece arrives; after the last, the peer closes."""
 
     def __init__(self, pieces: Sequence[bytes]) -> None:

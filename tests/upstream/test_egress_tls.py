@@ -25,9 +25,10 @@ from aiohttp import web
 from proxy.core.outcome import Outcome
 from proxy.mock.app import create_mock_app
 from proxy.server.health import HealthChecker, Verdict
-from proxy.upstream.client import ConnectFailed, UpstreamPool
+from proxy.upstream.client import UpstreamPool
 from proxy.upstream.egress import EgressConfigError, EgressProxies, ProxyRoute
 from proxy.upstream.errors import (
+    ConnectFailed,
     LocalResourceError,
     PoolExhausted,
     failure,
