@@ -9,14 +9,13 @@ Importing it loads only the pure core: no aiohttp, no metrics.
 """
 
 from proxy.core.breaker import (
-    BreakerRegistry,
     CircuitBreaker,
     CircuitBreakerConfig,
     CircuitOpenError,
     Mode,
     State,
-    registry,
 )
+from proxy.core.breaker_registry import BreakerRegistry, registry
 from proxy.core.outcome import Outcome
 
 __version__ = "0.1.0"

@@ -5,7 +5,9 @@ leads are the table ``TRANSITIONS``. Time comes from an injected monotonic
 clock and jitter from an injected ``random.Random``, so tests drive it with a
 fake clock and a seed. Nothing is scheduled: the open -> half-open move and
 the hung-probe check are evaluated lazily whenever the breaker is asked
-(``permit``, ``record``, any read).
+(``permit``, ``record``, any read). Its settings are ``CircuitBreakerConfig``
+(``proxy.core.breaker_config``, re-exported here); the breakers by name are a
+``BreakerRegistry`` (``proxy.core.breaker_registry``).
 
 Invariants, true between any two calls:
 
@@ -68,11 +70,11 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, fields, replace
 from typing import Any, ParamSpec, TypeVar
 
-from proxy.config.model import BreakerOverrides
-from proxy.config.spec import declared
+from proxy.core.breaker_config import RULES_KEYS as RULES_KEYS
+from proxy.core.breaker_config import STALL_FRACTION as STALL_FRACTION
+from proxy.core.breaker_config import CircuitBreakerConfig as CircuitBreakerConfig
 from proxy.core.errors import ServiceUnavailable
 from proxy.core.outcome import Outcome
 from proxy.core.window import Window
@@ -84,16 +86,6 @@ MAX_RETRY_AFTER_OPEN_SECONDS = 300.0
 # Retry hint when half-open has no free probe slot: probes usually answer fast.
 HALF_OPEN_RETRY_HINT_SECONDS = 1.0
 MAX_BACKOFF_EXPONENT = 32  # 2^32 * open_seconds is beyond any cap; avoids float overflow
-# Without slow_call_ms, an attempt still waiting for its first token after this fraction of
-# its first-token timeout counts as a provisional failure (docs/breaker.md, 'Stalled attempts
-# count as they age'). Half: a stalled upstream opens in half the time the timeouts would
-# take, while a healthy one is never judged on an attempt that has used less than half of
-# the time it is allowed; the trip still needs failure_threshold of them with no success
-# in between.
-STALL_FRACTION = 0.5
-
-_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -139,144 +131,6 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
 }
 
 TransitionCallback = Callable[[str, State, State], None]
-
-
-# The breaker keys of the rules file (providers.*.breaker) are declared once, in
-# proxy/config/model.py: their defaults and ranges here come from that declaration,
-# so whatever `cb-proxy check` accepts is a valid runtime config (docs/rules.md).
-RULES_KEYS = declared(BreakerOverrides)
-_D = RULES_KEYS
-
-
-@dataclass(frozen=True, slots=True)
-class CircuitBreakerConfig:
-    """Breaker settings (docs/rules.md, ``providers.*.breaker``); bad values raise ValueError.
-
-    The fields named like the rules' breaker keys take their defaults and ranges from
-    ``BreakerOverrides``' declaration (``RULES_KEYS``); the rest are runtime-only.
-    """
-
-    failure_threshold: int = _D["failure_threshold"].as_int()  # consecutive failures; 0 = off
-    failure_rate: float = _D["failure_rate"].as_float()  # failure ratio in the window that opens
-    min_throughput: int = _D["min_throughput"].as_int()  # ... once this many calls are in it
-    window_seconds: float = _D["window_seconds"].as_float()  # 1 s buckets
-    open_seconds: float = _D["open_seconds"].as_float()  # first open; doubles per re-open
-    max_open_seconds: float = _D["max_open_seconds"].as_float()  # cap on every open period
-    half_open_probes: int = _D["half_open_probes"].as_int()
-    slow_call_ms: float = _D["slow_call_ms"].as_float()  # >0: a slower first token is slow
-    slow_call_rate: float | None = None  # slow ratio that opens; None = failure_rate
-    max_half_open_seconds: float = _D["max_half_open_seconds"].as_float()  # hung probe: reopen
-    jitter: float = 0.1  # open durations vary by +- this fraction
-    enabled: bool = True  # False = monitor-only: never blocks, shadow state exported
-    # The upstream's first-token timeout (the proxy sets it from the provider's timeouts);
-    # 0 = unknown. With slow_call_ms unset, stalls are judged at stall_fraction of it.
-    first_token_seconds: float = 0.0
-    stall_fraction: float = STALL_FRACTION  # 0 = stall rule only through slow_call_ms
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"{name} {problem}"
-            for name, d in RULES_KEYS.items()
-            if (problem := d.spec.problem(getattr(self, name))) is not None
-        ]
-        for name, d in RULES_KEYS.items():
-            other = d.spec.at_least
-            if other is not None and getattr(self, name) < getattr(self, other):
-                problems.append(f"{name} must be >= {other}")
-        if not (self.slow_call_rate is None or 0 < self.slow_call_rate <= 1):
-            problems.append("slow_call_rate must be in (0, 1]")
-        if not 0 <= self.jitter < 1:
-            problems.append("jitter must be in [0, 1)")
-        if not (math.isfinite(self.first_token_seconds) and self.first_token_seconds >= 0):
-            problems.append("first_token_seconds must be >= 0")
-        if not 0 <= self.stall_fraction <= 1:
-            problems.append("stall_fraction must be in [0, 1]")
-        if problems:
-            raise ValueError("invalid breaker config: " + "; ".join(problems))
-
-    @property
-    def slow_rate(self) -> float:
-        return self.failure_rate if self.slow_call_rate is None else self.slow_call_rate
-
-    @property
-    def stall_seconds(self) -> float:
-        """Age at which an attempt in flight counts as a provisional failure; 0 = rule off.
-
-        ``slow_call_ms`` when set (an attempt past it will be slow whatever it returns),
-        otherwise ``stall_fraction`` of the first-token timeout.
-        """
-        if self.slow_call_ms > 0:
-            return self.slow_call_ms / 1000.0
-        return self.stall_fraction * self.first_token_seconds
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> CircuitBreakerConfig:
-        """Defaults from an environment mapping (docs/architecture.md); unset or empty: default.
-
-        The caller passes the mapping (the shell passes ``os.environ``): the core reads no globals.
-        Each variable is checked against the range its rules key declares.
-        """
-        base = cls()
-        open_seconds = _env_number(env, "CB_TIMEOUT_SECONDS", "open_seconds")
-        return cls(
-            enabled=_env_bool(env, "CIRCUIT_BREAKER_ENABLED", base.enabled),
-            failure_threshold=int(_env_number(env, "CB_FAILURE_THRESHOLD", "failure_threshold")),
-            min_throughput=int(_env_number(env, "CB_MIN_THROUGHPUT", "min_throughput")),
-            open_seconds=open_seconds,
-            # A first open longer than the default cap raises the cap rather than failing.
-            max_open_seconds=max(base.max_open_seconds, open_seconds),
-        )
-
-    def with_overrides(self, overrides: BreakerOverrides) -> CircuitBreakerConfig:
-        """This config with the rules file's per-provider values (None = keep) applied.
-
-        Never raises for overrides ``cb-proxy check`` accepted, whatever the environment
-        set (docs/rules.md, "Providers": the breaker keys): each value is in its declared
-        range, and the one cross-field rule (``max_open_seconds >= open_seconds``) is
-        settled here when the file sets only one side of it. ``max_open_seconds`` caps
-        every open period, so given alone below the inherited ``open_seconds`` it lowers
-        the first open period to itself; ``open_seconds`` given alone above the inherited
-        cap raises the cap.
-        """
-        changes: dict[str, Any] = {
-            f.name: getattr(overrides, f.name)
-            for f in fields(overrides)
-            if getattr(overrides, f.name) is not None
-        }
-        if "open_seconds" in changes and "max_open_seconds" not in changes:
-            changes["max_open_seconds"] = max(self.max_open_seconds, changes["open_seconds"])
-        if "max_open_seconds" in changes and "open_seconds" not in changes:
-            changes["open_seconds"] = min(self.open_seconds, changes["max_open_seconds"])
-        return replace(self, **changes)
-
-
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in _TRUE_WORDS:
-        return True
-    if raw in _FALSE_WORDS:
-        return False
-    raise ValueError(f"{name}={env[name]!r}: expected true or false")
-
-
-def _env_number(env: Mapping[str, str], name: str, key: str) -> float:
-    """The variable ``name`` as a value of the rules key ``key`` (its declared type and range)."""
-    declared_key = RULES_KEYS[key]
-    raw = env.get(name, "").strip()
-    if not raw:
-        return declared_key.as_float()
-    spec = declared_key.spec
-    value: float | None
-    try:
-        value = int(raw) if spec.kind == "integer" else float(raw)
-    except ValueError:
-        value = None
-    if value is None or spec.problem(value) is not None:
-        unit = "an integer" if spec.kind == "integer" else "a number of seconds"
-        raise ValueError(f"{name}={raw!r}: expected {unit} {spec.range_text()}")
-    return value
 
 
 class CircuitOpenError(ServiceUnavailable):
@@ -816,117 +670,3 @@ class CircuitBreaker:
 
 def _capped(retry_after: float) -> float:
     return min(max(retry_after, 0.0), MAX_RETRY_AFTER_OPEN_SECONDS)
-
-
-class BreakerRegistry:
-    """The breakers by name. Creation is explicit; ``get`` only looks up.
-
-    ``get(name)`` is the breaker or None; ``get_or_create(name, config=None)`` returns
-    the existing one or creates it; ``create(name, config=None)`` creates and raises
-    ValueError if the name is taken. A breaker created without a config takes the
-    registry's settings for its name (defaults and per-name overrides, which a
-    ``configure`` re-applies); one created with a config keeps that config.
-    ``first_token_seconds`` gives each upstream's first-token timeout, from which its
-    stall threshold is derived (``CircuitBreakerConfig.stall_seconds``).
-    """
-
-    def __init__(
-        self,
-        config: CircuitBreakerConfig | None = None,
-        overrides: Mapping[str, BreakerOverrides] | None = None,
-        *,
-        first_token_seconds: Mapping[str, float] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
-        on_transition: TransitionCallback | None = None,
-    ) -> None:
-        self._default = config if config is not None else CircuitBreakerConfig()
-        self._overrides = dict(overrides or {})
-        self._first_token = dict(first_token_seconds or {})
-        self._clock = clock
-        self._rng = rng if rng is not None else random.Random()
-        self.on_transition = on_transition  # may be bound after the breakers exist
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._explicit: dict[str, CircuitBreakerConfig] = {}  # configs given at creation
-
-    def config_for(self, name: str) -> CircuitBreakerConfig:
-        explicit = self._explicit.get(name)
-        if explicit is not None:
-            return explicit
-        override = self._overrides.get(name)
-        config = self._default if override is None else self._default.with_overrides(override)
-        first_token = self._first_token.get(name)
-        if first_token is not None:
-            config = replace(config, first_token_seconds=first_token)
-        return config
-
-    def use_clock(self, clock: Callable[[], float]) -> None:
-        """Every breaker, existing and future, reads ``clock`` (tests and simulations)."""
-        self._clock = clock
-        for breaker in self._breakers.values():
-            breaker._clock = clock
-
-    def get(self, name: str) -> CircuitBreaker | None:
-        """The breaker called ``name``, or None if none was created."""
-        return self._breakers.get(name)
-
-    def get_or_create(
-        self, name: str, config: CircuitBreakerConfig | None = None
-    ) -> CircuitBreaker:
-        """The breaker called ``name``; created first if missing (``config`` is used only then)."""
-        breaker = self._breakers.get(name)
-        return breaker if breaker is not None else self.create(name, config)
-
-    def create(self, name: str, config: CircuitBreakerConfig | None = None) -> CircuitBreaker:
-        """A new breaker called ``name``; ValueError if one exists."""
-        if name in self._breakers:
-            raise ValueError(f"circuit breaker {name!r} already exists")
-        if config is not None:
-            self._explicit[name] = config
-        breaker = CircuitBreaker(
-            name,
-            self.config_for(name),
-            clock=self._clock,
-            rng=self._rng,
-            on_transition=self._emit,
-        )
-        self._breakers[name] = breaker
-        return breaker
-
-    def get_all(self) -> dict[str, CircuitBreaker]:
-        return dict(self._breakers)
-
-    def reset_all(self) -> None:
-        for breaker in self._breakers.values():
-            breaker.reset()
-
-    def configure(
-        self,
-        config: CircuitBreakerConfig,
-        overrides: Mapping[str, BreakerOverrides],
-        first_token_seconds: Mapping[str, float] | None = None,
-    ) -> None:
-        """New defaults and per-name overrides (rules reload), applied to existing breakers too."""
-        self._default = config
-        self._overrides = dict(overrides)
-        if first_token_seconds is not None:
-            self._first_token = dict(first_token_seconds)
-        for name, breaker in self._breakers.items():
-            breaker.reconfigure(self.config_for(name))
-
-    def breaker_gauges(self) -> list[tuple[str, int, float, float]]:
-        return [
-            (name, STATE_VALUES[b.state.value], b.error_rate(), b.latency_p95_ms())
-            for name, b in self._breakers.items()
-        ]
-
-    def breaker_counters(self) -> list[tuple[str, int]]:
-        return [(name, b.would_block) for name, b in self._breakers.items()]
-
-    def _emit(self, name: str, source: State, target: State) -> None:
-        if self.on_transition is not None:
-            self.on_transition(name, source, target)
-
-
-# For library use: ``from proxy.core.breaker import registry``. The proxy builds its own per app.
-registry = BreakerRegistry()

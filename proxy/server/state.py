@@ -23,11 +23,11 @@ from proxy.config.model import Deployment, Provider, RuleSet
 from proxy.config.settings import Settings
 from proxy.core.breaker import (
     TRANSITIONS,
-    BreakerRegistry,
     CircuitBreaker,
     CircuitBreakerConfig,
     State,
 )
+from proxy.core.breaker_registry import BreakerRegistry
 from proxy.core.ratelimit import RateLimitGate
 from proxy.core.secrets import NO_SECRETS, Redactor
 from proxy.core.usage import UsageTotals

@@ -19,7 +19,6 @@ from proxy.core.breaker import (
     MAX_RETRY_AFTER_OPEN_SECONDS,
     STATE_VALUES,
     TRANSITIONS,
-    BreakerRegistry,
     CircuitBreaker,
     CircuitBreakerConfig,
     CircuitOpenError,
@@ -27,6 +26,7 @@ from proxy.core.breaker import (
     Mode,
     State,
 )
+from proxy.core.breaker_registry import BreakerRegistry
 from proxy.core.outcome import Outcome, classify_status
 from proxy.core.ratelimit import parse_retry_after
 from proxy.server.metrics import Metrics

@@ -14,13 +14,13 @@ import pytest
 from proxy.config.model import BreakerOverrides
 from proxy.core.breaker import (
     STALL_FRACTION,
-    BreakerRegistry,
     CircuitBreaker,
     CircuitBreakerConfig,
     Mode,
     Permit,
     State,
 )
+from proxy.core.breaker_registry import BreakerRegistry
 from proxy.core.outcome import Outcome
 from tests.core.test_breaker import FakeClock, Transitions, state
 
