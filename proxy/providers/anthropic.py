@@ -327,7 +327,7 @@ def _usage_dict(prompt: int, completion: int, cache_read: int) -> JSONDict:
     }
 
 
-def _prompt_tokens(usage: JSONDict) -> int:
+def prompt_tokens(usage: JSONDict) -> int:
     # Anthropic reports cached input apart from input_tokens; OpenAI's
     # prompt_tokens counts everything the model read (docs/wire-formats.md, Usage).
     return int(
@@ -373,7 +373,7 @@ def _parse_message(body: bytes, deployment: Deployment, client_model: str, now: 
             }
         ],
         "usage": _usage_dict(
-            _prompt_tokens(usage),
+            prompt_tokens(usage),
             int(usage.get("output_tokens") or 0),
             int(usage.get("cache_read_input_tokens") or 0),
         ),
@@ -489,7 +489,7 @@ class AnthropicStreamTranslator(SSEStreamTranslator):
 
     def _usage(self, usage: JSONDict) -> None:
         if "input_tokens" in usage:
-            self._prompt = _prompt_tokens(usage)
+            self._prompt = prompt_tokens(usage)
             self._cache_read = int(usage.get("cache_read_input_tokens") or 0)
         if usage.get("output_tokens") is not None:
             self._completion = int(usage["output_tokens"])  # a running total: keep the last
@@ -576,17 +576,19 @@ class AnthropicStreamTranslator(SSEStreamTranslator):
 # --- adapter -------------------------------------------------------------
 
 
+def upstream_headers(provider: Provider, api_key: str | None) -> dict[str, str]:
+    """The headers of every request to an Anthropic upstream: its version, the proxy's key."""
+    headers = {"anthropic-version": ANTHROPIC_VERSION, **provider.headers}
+    if api_key:
+        headers["x-api-key"] = api_key
+    return headers
+
+
 class AnthropicAdapter:
     """``ProviderAdapter`` for Anthropic's Messages API; ``clock`` gives ``created``."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-
-    def _headers(self, provider: Provider, api_key: str | None) -> dict[str, str]:
-        headers = {"anthropic-version": ANTHROPIC_VERSION, **provider.headers}
-        if api_key:
-            headers["x-api-key"] = api_key
-        return headers
 
     def build_request(
         self,
@@ -605,7 +607,7 @@ class AnthropicAdapter:
                 code="unsupported_endpoint",
             )
         payload = translate_request(body, deployment.upstream_model, stream)
-        headers = {"content-type": "application/json", **self._headers(provider, api_key)}
+        headers = {"content-type": "application/json", **upstream_headers(provider, api_key)}
         return UpstreamRequest(
             "POST", provider.base_url + MESSAGES_PATH, headers, exact_bytes(orjson.dumps(payload))
         )
@@ -635,4 +637,4 @@ class AnthropicAdapter:
 
     def health_request(self, provider: Provider, api_key: str | None) -> UpstreamRequest:
         path = provider.health_check.path or MODELS_PATH
-        return UpstreamRequest("GET", provider.base_url + path, self._headers(provider, api_key))
+        return UpstreamRequest("GET", provider.base_url + path, upstream_headers(provider, api_key))

@@ -137,3 +137,53 @@ class ProviderAdapter(RequestAdapter, Protocol):
     def stream_translator(
         self, endpoint: Endpoint, deployment: Deployment, client_model: str, include_usage: bool
     ) -> StreamTranslator: ...
+
+
+@dataclass(slots=True)
+class NativeBody:
+    """A client's request in its own wire format (e.g. ``"anthropic"`` for ``/v1/messages``).
+
+    Kept beside the translated OpenAI body so that a candidate speaking the client's
+    format gets the request as the client sent it (``NativeAdapter``).
+    """
+
+    wire: str
+    body: JSONDict
+
+
+class NativeRelay(Protocol):
+    """Bytes in, the same bytes out, held until the commit point (``has_content``)."""
+
+    has_content: bool
+    finished: bool  # the upstream's terminal marker was seen
+    usage: Usage | None
+    relayed_bytes: int
+    error_relayed: bool  # the upstream's own error event reached the client
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class NativeAdapter(Protocol):
+    """A client's wire format spoken by the upstream too: a byte relay both ways.
+
+    Errors are classified by the upstream format's ``RequestAdapter``, as for translated
+    requests; only the request and the 2xx reply skip the translation.
+    """
+
+    def build_request(
+        self, body: JSONDict, provider: Provider, deployment: Deployment, api_key: str | None
+    ) -> UpstreamRequest:
+        """The upstream request from the client's own body (not mutated)."""
+        ...
+
+    def reply_usage(self, body: bytes) -> Usage | None:
+        """The usage of a 2xx reply; StreamError when the body is unusable."""
+        ...
+
+    def stream_relay(self) -> NativeRelay: ...
+
+    def error_frame(self, error: Mapping[str, Any]) -> bytes:
+        """The proxy's in-band error (OpenAI's shape) as an event of the client's format."""
+        ...

@@ -22,7 +22,7 @@ from proxy.core.outcome import Outcome
 from proxy.core.router import RoutePlan
 from proxy.core.secrets import Redactor
 from proxy.core.usage import estimate_tokens
-from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, Usage
+from proxy.providers.base import Endpoint, ErrorInfo, JSONDict, NativeBody, Usage
 from proxy.server.state import ProxyState
 from proxy.upstream.client import Response
 
@@ -46,6 +46,10 @@ class Exchange:
     request_id: str
     started: float
     include_usage: bool = False
+    # The client's own request when it is not in OpenAI's format: a candidate speaking that
+    # format gets it as it came (proxy.providers.registry.native), the others ``body``.
+    native: NativeBody | None = None
+    relayed_native: bool = False  # the answer is the upstream's own, in the client's format
     attempts: int = 0
     upstream_seconds: float = 0.0
     usage_estimated: bool = False

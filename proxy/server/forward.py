@@ -50,9 +50,11 @@ from proxy.core.ratelimit import gate_seconds
 from proxy.providers import registry as providers
 from proxy.providers.base import (
     JSONDict,
+    NativeAdapter,
     RequestAdapter,
     StreamError,
     UpstreamRequest,
+    Usage,
 )
 from proxy.providers.openai import parse_usage
 from proxy.server.exchange import (
@@ -265,15 +267,16 @@ async def _attempt(
     if pool is None:
         raise RuntimeError("upstream client not started")
     adapter = providers.adapter(cand.provider.type)
+    # A client whose own format this upstream speaks gets a byte relay both ways.
+    native = providers.native(ex.native.wire, cand.provider.type) if ex.native else None
     try:
-        req = adapter.build_request(
-            ex.endpoint,
-            ex.body,
-            cand.provider,
-            cand.deployment,
-            state.keys.get(cand.provider.name),
-            ex.stream,
-        )
+        key = state.keys.get(cand.provider.name)
+        if native is not None and ex.native is not None:
+            req = native.build_request(ex.native.body, cand.provider, cand.deployment, key)
+        else:
+            req = adapter.build_request(
+                ex.endpoint, ex.body, cand.provider, cand.deployment, key, ex.stream
+            )
     except ProxyError as exc:
         # This candidate cannot express the request (e.g. n > 1 for Anthropic). Nothing was
         # sent, so the breaker learns nothing; a candidate of another format may still serve.
@@ -286,7 +289,7 @@ async def _attempt(
     attempt = Attempt(cand, index, breaker, permit, time.monotonic())
     # The coroutine holds the request from here; _send lets go of it once it is sent, so the
     # upstream body is not kept for the life of a stream.
-    sending = _send(ex, attempt, pool, req, adapter, request_deadline)
+    sending = _send(ex, attempt, pool, req, adapter, native, request_deadline)
     del req
     try:
         return await sending
@@ -316,6 +319,7 @@ async def _send(
     pool: UpstreamPool,
     req: UpstreamRequest,
     adapter: RequestAdapter,
+    native: NativeAdapter | None,
     request_deadline: float,
 ) -> web.StreamResponse:
     cand = attempt.cand
@@ -380,10 +384,14 @@ async def _send(
                         total_deadline,
                         ex.state.settings.upstream_max_body_bytes,
                     )
+                    if native is not None:
+                        usage = _native_usage(native, raw)
+                        attempt.finish(ex, Outcome.SUCCESS)
+                        return _native_response(ex, attempt, resp, raw, usage)
                     obj = _reply_object(ex, attempt, raw)
                     attempt.finish(ex, Outcome.SUCCESS)  # before the headers read its state
                     return _plain_response(ex, attempt, resp, raw, obj)
-                return await stream(ex, attempt, resp, deadline, total_deadline)
+                return await stream(ex, attempt, resp, deadline, total_deadline, native)
     except UPSTREAM_ERRORS as exc:
         # Transport failures become outcomes and client errors in one place (proxy.upstream.errors).
         doing = {
@@ -482,6 +490,30 @@ def _reply_object(ex: Exchange, attempt: Attempt, raw: bytes) -> JSONDict:
             Outcome.FAILURE,
         )
     return obj
+
+
+def _native_usage(native: NativeAdapter, raw: bytes) -> Usage | None:
+    """The usage of a 2xx reply in the client's own format; AttemptFailed if unusable."""
+    try:
+        return native.reply_usage(raw)
+    except StreamError as exc:
+        raise AttemptFailed(client_error(exc.info), exc.info.outcome, exc.info) from None
+
+
+def _native_response(
+    ex: Exchange, attempt: Attempt, resp: Response, raw: bytes, usage: Usage | None
+) -> web.Response:
+    """The upstream's reply as it came (the client's format), with the proxy's headers."""
+    cost = account(ex, attempt.cand, usage)
+    headers = base_headers(ex, attempt)
+    headers.update(relayed_headers(resp, ex.state.redactor))
+    headers["x-cb-cost-usd"] = f"{cost:.8f}"
+    if ex.usage_estimated:
+        headers["x-cb-usage-estimated"] = "true"
+    ex.relayed_native = True
+    return web.Response(
+        body=ex.state.redactor.redact_success(raw), content_type="application/json", headers=headers
+    )
 
 
 def _plain_response(

@@ -8,6 +8,9 @@ failover, cost, metrics and the ``x-cb-*`` headers. The routing extension rides 
 the ``x-cb-routing`` header (JSON) or in the body's ``circuit_breaker``. The reply
 goes back in Anthropic's shape: a plain body is translated once; a stream is
 re-encoded event by event as the relay writes it (``REFRAME``, proxy.server.streaming).
+A candidate that is itself an Anthropic upstream gets the client's own body instead
+(``Exchange.native``; proxy.providers.anthropic_native) and its reply is relayed as
+bytes, untranslated: ``thinking``, ``top_k`` and every stop reason survive.
 
 Errors here use Anthropic's shape ``{"type": "error", "error": {"type", "message"}}``.
 The client's ``x-api-key``/``authorization`` are never forwarded: adapters build
@@ -27,8 +30,8 @@ from proxy.core.prefs import EXTENSION_KEY, parse_prefs, routing_inputs
 from proxy.core.router import plan_route
 from proxy.core.usage import CHARS_PER_TOKEN
 from proxy.providers import anthropic_inbound as inbound
-from proxy.providers.anthropic import ANTHROPIC_VERSION
-from proxy.providers.base import Endpoint, JSONDict, Usage
+from proxy.providers.anthropic import upstream_headers as anthropic_headers
+from proxy.providers.base import Endpoint, JSONDict, NativeBody, Usage
 from proxy.server.api import STATE, ExpectHandler, Wrap, log_plan, read_json
 from proxy.server.forward import Exchange, serve
 from proxy.server.state import REQUEST_INFO
@@ -148,12 +151,16 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         request_id=info.request_id,
         started=time.perf_counter(),
         include_usage=True,  # the usage goes into message_delta
+        native=NativeBody("anthropic", body),  # an Anthropic upstream gets it as it came
     )
     try:
         response = await serve(ex)
     finally:
         info.upstream_seconds = ex.upstream_seconds
     if stream or not isinstance(response, web.Response) or response.body is None:
+        return response
+    if ex.relayed_native:  # the upstream's own Messages reply: relayed as it came
+        response.headers["request-id"] = info.request_id
         return response
     reply = orjson.loads(response.body)  # type: ignore[arg-type]
     headers = {k: v for k, v in response.headers.items() if k.lower() not in DROPPED_HEADERS}
@@ -198,14 +205,11 @@ async def _count_tokens(request: web.Request) -> web.StreamResponse:
         if cand.provider.type != "anthropic" or pool is None:
             break
         # Exact: the upstream's own count (its key injected here, the client's never sent).
+        key = state.keys.get(cand.provider.name)
         upstream_headers = {
             "content-type": "application/json",
-            "anthropic-version": ANTHROPIC_VERSION,
-            **cand.provider.headers,
+            **anthropic_headers(cand.provider, key),
         }
-        key = state.keys.get(cand.provider.name)
-        if key:
-            upstream_headers["x-api-key"] = key
         payload = orjson.dumps(inbound.count_body(body, cand.deployment.upstream_model))
         try:
             resp = await pool.request(

@@ -22,7 +22,15 @@ from proxy.core.errors import UpstreamError
 from proxy.core.outcome import Outcome
 from proxy.core.sse import EventSizeGuard
 from proxy.providers import registry as providers
-from proxy.providers.base import ErrorInfo, JSONDict, StreamError, StreamTranslator, Usage
+from proxy.providers.base import (
+    ErrorInfo,
+    JSONDict,
+    NativeAdapter,
+    NativeRelay,
+    StreamError,
+    StreamTranslator,
+    Usage,
+)
 from proxy.providers.openai import OpenAIStreamRelay
 from proxy.server.drain import DRAIN, shutting_down
 from proxy.server.exchange import (
@@ -140,6 +148,53 @@ class StreamRelay:
         return self._translator.usage if self._translator is not None else None
 
 
+class NativeStreamRelay(StreamRelay):
+    """The byte relay of a client's own format on an upstream that speaks it (no translation).
+
+    Its in-band error is an event of that format; none is added when the upstream's own
+    error event has already been relayed.
+    """
+
+    __slots__ = ("_adapter", "_native")
+
+    def __init__(self, native: NativeRelay, adapter: NativeAdapter, max_event_bytes: int) -> None:
+        super().__init__(None, None, max_event_bytes)
+        self._native = native
+        self._adapter = adapter
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._guard.feed(chunk)
+        try:
+            return self._native.feed(chunk)
+        except StreamError:
+            raise
+        except Exception as exc:
+            raise unreadable(exc) from exc
+
+    def finish(self) -> bytes:
+        try:
+            return self._native.finish()
+        except StreamError:
+            raise
+        except Exception as exc:
+            raise unreadable(exc) from exc
+
+    def error_frame(self, error: JSONDict) -> bytes:
+        return b"" if self._native.error_relayed else self._adapter.error_frame(error)
+
+    @property
+    def has_content(self) -> bool:
+        return self._native.has_content or self._native.finished
+
+    @property
+    def content_chars(self) -> int:
+        return self._native.relayed_bytes // OPENAI_CHUNK_OVERHEAD_RATIO
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._native.usage
+
+
 # A client of another wire format (proxy.server.messages, Anthropic SDK apps) re-encodes what
 # the relay writes: set on the request, it wraps the stream's relay.
 REFRAME: web.RequestKey[Callable[[StreamRelay], StreamRelay]] = web.RequestKey("cb_reframe")
@@ -158,11 +213,14 @@ async def stream(
     resp: Response,
     deadline: Guard,
     total_deadline: float,
+    native: NativeAdapter | None = None,
 ) -> web.StreamResponse:
     cand = attempt.cand
     adapter = providers.translator(cand.provider.type)
     max_event = ex.state.settings.upstream_max_event_bytes
-    if adapter is None:
+    if native is not None:  # the client's own format: relayed as it comes, never reframed
+        relay: StreamRelay = NativeStreamRelay(native.stream_relay(), native, max_event)
+    elif adapter is None:
         relay = StreamRelay(OpenAIStreamRelay(strip_usage=not ex.include_usage), None, max_event)
     else:
         relay = StreamRelay(
@@ -172,7 +230,7 @@ async def stream(
             ),
             max_event,
         )
-    reframe = ex.request.get(REFRAME)
+    reframe = ex.request.get(REFRAME) if native is None else None
     if reframe is not None:
         relay = reframe(relay)
 
@@ -211,6 +269,8 @@ async def stream(
     # The request body is not read again (usage estimates use plan.prompt_tokens): a long
     # stream does not keep the parsed prompt alive.
     ex.body = {}
+    ex.native = None
+    ex.relayed_native = native is not None
     # One header mapping, the response's own; nothing else holds a copy for the stream's life.
     out = web.StreamResponse(status=200, headers=SSE_HEADERS)
     out.headers.update(base_headers(ex, attempt))
@@ -309,7 +369,9 @@ async def relay_rest(
         failed = failure(exc, cand.deployment.key, doing=doing).error.to_dict()
     if failed is not None:
         # Never a silent truncated 200: one in-band error event (no key in it), then the end.
-        await write(out, relay.error_frame(ex.state.redactor.redact_json(failed)))
+        frame = relay.error_frame(ex.state.redactor.redact_json(failed))
+        if frame:  # none when the upstream's own error event was relayed already
+            await write(out, frame)
     try:
         await out.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:

@@ -8,6 +8,7 @@ translated back to Anthropic's shape from all three.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,11 @@ class Trio:
     gemini: RunningMock
     sdk: AsyncAnthropic
 
+    @staticmethod
+    def replied_model(model: str) -> str:
+        """The model a reply names: an Anthropic upstream's reply is relayed as it came."""
+        return "claude-3-5-haiku-latest" if model.startswith("claude") else model
+
     def mock_for(self, model: str) -> RunningMock:
         if model.startswith("claude"):
             return self.anthropic
@@ -130,7 +136,7 @@ async def test_plain_message(trio: Trio, model: str) -> None:
     message = await raw.parse()
     assert message.type == "message"
     assert message.role == "assistant"
-    assert message.model == model
+    assert message.model == trio.replied_model(model)
     assert message.id.startswith("msg_")
     assert message.stop_reason == "end_turn"
     assert message.content[0].type == "text"
@@ -176,7 +182,7 @@ async def test_stream_events_in_order(trio: Trio, model: str) -> None:
     assert final.content[0].text == text
     assert final.stop_reason == "end_turn"
     assert final.usage.output_tokens > 0
-    assert final.model == model
+    assert final.model == trio.replied_model(model)
 
 
 async def test_stream_raw_wire_format(trio: Trio) -> None:
@@ -190,7 +196,7 @@ async def test_stream_raw_wire_format(trio: Trio) -> None:
         name, data = frame.split("\n")
         assert name.startswith("event: ")
         assert orjson.loads(data.removeprefix("data: "))["type"] == name.removeprefix("event: ")
-    assert frames[1].startswith("event: ping")
+    assert any(frame.startswith("event: ping") for frame in frames)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -334,6 +340,26 @@ async def test_routing_extension_in_header(trio: Trio) -> None:
     assert bad.json()["error"]["type"] == "invalid_request_error"
 
 
+async def test_thinking_and_top_k_reach_an_anthropic_upstream_unchanged(trio: Trio) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    message = await trio.sdk.messages.create(
+        model="claude-3-5-haiku",
+        max_tokens=2048,
+        messages=HELLO,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        extra_body={"top_k": 7, "circuit_breaker": {"routing_strategy": "cost_optimized"}},
+    )
+    assert message.content
+    stats = trio.anthropic.stats()
+    sent = stats["last_body"]
+    assert sent["thinking"] == thinking
+    assert sent["top_k"] == 7
+    assert sent["model"] == "claude-3-5-haiku-latest"
+    assert sent["messages"] == HELLO
+    assert "circuit_breaker" not in sent  # the routing extension is the proxy's
+    assert "not-needed" not in orjson.dumps(stats["last_headers"]).decode()
+
+
 COUNT_RULES = """
 version: 1
 providers:
@@ -448,3 +474,169 @@ async def test_protocol_and_admission_errors_on_the_messages_path_use_anthropics
     other = await client.get(trio.proxy.api_url + "/v1/chat/completions")
     assert "type" not in other.json()
     assert other.json()["error"]["type"] == "invalid_request_error"
+
+
+# One Anthropic stream as an upstream sends it: a thinking block with its signature, text,
+# the stop_sequence stop reason; split inside events and inside a UTF-8 sequence.
+NATIVE_EVENTS = [
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_n1",'
+    b'"type":"message","role":"assistant","model":"claude-3-5-haiku-latest","content":[],'
+    b'"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":21,"output_tokens":1}}}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n',
+    b'event: ping\ndata: {"type": "ping"}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"thinking_delta","thinking":"Let me think."}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"signature_delta","signature":"EqQBCgIYAhIM1gbcDa9GJwZA2b3h"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":1,'
+    b'"content_block":{"type":"text","text":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,'
+    b'"delta":{"type":"text_delta","text":"Caf\xc3\xa9 au lait"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+    b'"stop_sequence","stop_sequence":"END"},"usage":{"output_tokens":17}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+]
+NATIVE_RULES = """
+version: 1
+providers:
+  claude:
+    type: anthropic
+    base_url: {url}
+    api_key_env: ANTHROPIC_API_KEY
+models:
+  claude-3-5-haiku:
+    provider: claude
+    upstream_model: claude-3-5-haiku-latest
+    input_cost_per_1k: 1.0
+    output_cost_per_1k: 2.0
+"""
+
+
+def _split(data: bytes, *cuts: int) -> list[bytes]:
+    edges = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+async def test_an_anthropic_stream_is_relayed_byte_for_byte(tmp_path: Path) -> None:
+    wire = b"".join(NATIVE_EVENTS)
+    accent = wire.index(b"\xc3\xa9") + 1  # inside the UTF-8 sequence
+    chunks = _split(wire, 40, len(NATIVE_EVENTS[0]) + 10, accent, len(wire) - 30)
+    reply = RawReply(chunks=chunks)
+    async with RawStreamServer(reply) as upstream:
+        path = write_rules(tmp_path, NATIVE_RULES.format(url=upstream.url))
+        async with (
+            running_proxy(path, environ=KEYS) as proxy,
+            AsyncAnthropic(base_url=proxy.api_url, api_key="not-needed", max_retries=0) as sdk,
+        ):
+            raw = await sdk.messages.with_raw_response.create(
+                model="claude-3-5-haiku",
+                max_tokens=2048,
+                messages=HELLO,
+                stream=True,
+                thinking={"type": "enabled", "budget_tokens": 1024},
+                stop_sequences=["END"],
+                extra_body={"top_k": 3},
+            )
+            body = await raw.http_response.aread()
+            assert body == wire
+            assert raw.headers["x-cb-provider"] == "claude"
+            assert raw.headers["x-cb-model"] == "claude-3-5-haiku-latest"
+            assert raw.headers["x-cb-attempts"] == "1"
+            # The SDK reads it whole: thinking, its signature and the stop_sequence stop reason.
+            async with sdk.messages.stream(
+                model="claude-3-5-haiku", max_tokens=2048, messages=HELLO
+            ) as stream:
+                final = await stream.get_final_message()
+            totals = proxy.state.usage.snapshot()
+    assert final.stop_reason == "stop_sequence"
+    assert final.stop_sequence == "END"
+    assert final.content[0].type == "thinking"
+    assert final.content[0].signature == "EqQBCgIYAhIM1gbcDa9GJwZA2b3h"
+    assert final.content[1].type == "text"
+    assert final.content[1].text == "Caf\u00e9 au lait"
+    row: Any = totals["by_model"]
+    assert (row[0]["requests"], row[0]["prompt_tokens"], row[0]["completion_tokens"]) == (
+        2,
+        42,
+        34,
+    )
+    assert row[0]["estimated_requests"] == 0
+    request = upstream.requests[0]
+    head = request.head.decode().lower()
+    assert "x-api-key: sk-ant-test" in head
+    assert "anthropic-version: 2023-06-01" in head
+    assert "not-needed" not in head  # the client's key is never forwarded
+    sent = orjson.loads(request.body)
+    assert sent["model"] == "claude-3-5-haiku-latest"
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert sent["top_k"] == 3
+    assert sent["stream"] is True
+
+
+async def test_an_anthropic_reply_is_relayed_byte_for_byte(tmp_path: Path) -> None:
+    wire = (
+        b'{"id":"msg_p1","type":"message","role":"assistant","model":"claude-3-5-haiku-latest",'
+        b'"content":[{"type":"thinking","thinking":"Hmm.","signature":"c2ln"},'
+        b'{"type":"text","text":"Done"}],"stop_reason":"stop_sequence","stop_sequence":"END",'
+        b'"usage":{"input_tokens":10,"output_tokens":5}}'
+    )
+    reply = RawReply(headers={"Content-Type": "application/json"}, chunks=[wire])
+    async with RawStreamServer(reply) as upstream:
+        path = write_rules(tmp_path, NATIVE_RULES.format(url=upstream.url))
+        async with (
+            running_proxy(path, environ=KEYS) as proxy,
+            AsyncAnthropic(base_url=proxy.api_url, api_key="not-needed", max_retries=0) as sdk,
+        ):
+            raw = await sdk.messages.with_raw_response.create(
+                model="claude-3-5-haiku", max_tokens=64, messages=HELLO
+            )
+            assert await raw.http_response.aread() == wire
+            message = await raw.parse()
+            assert message.stop_reason == "stop_sequence"
+            assert message.content[0].type == "thinking"
+            assert raw.headers["x-cb-provider"] == "claude"
+            assert raw.headers["request-id"]
+            assert float(raw.headers["x-cb-cost-usd"]) == pytest.approx((10 * 1.0 + 5 * 2.0) / 1000)
+            totals: Any = proxy.state.usage.snapshot()
+    assert totals["by_model"][0]["completion_tokens"] == 5
+    assert totals["by_model"][0]["estimated_requests"] == 0
+
+
+async def test_stream_error_event_before_content_fails_over_to_openai(tmp_path: Path) -> None:
+    error = (
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+        b'"message":"Overloaded"}}\n\n'
+    )
+    failing = RawReply(chunks=[NATIVE_EVENTS[0], error])
+    async with (
+        RawStreamServer(failing) as upstream,
+        running_mock("openai", name="openai", require_key="sk-oa") as oa,
+    ):
+        rules = NATIVE_RULES.format(url=upstream.url).replace(
+            "models:",
+            f"  oai:\n    type: openai\n    base_url: {oa.url}/v1\n"
+            "    api_key_env: OPENAI_API_KEY\nmodels:",
+        )
+        rules += (
+            "  backed:\n    deployments:\n"
+            "      - {provider: claude, upstream_model: claude-3-5-haiku-latest}\n"
+            "      - {provider: oai, upstream_model: gpt-4o-mini}\n"
+            "defaults:\n  strategy: cost_optimized\n  retry: {same_deployment_retries: 0}\n"
+        )
+        path = write_rules(tmp_path, rules)
+        async with (
+            running_proxy(path, environ=KEYS) as proxy,
+            AsyncAnthropic(base_url=proxy.api_url, api_key="not-needed", max_retries=0) as sdk,
+            sdk.messages.stream(model="backed", max_tokens=64, messages=HELLO) as s,
+        ):
+            final = await s.get_final_message()
+            headers = s.response.headers
+    assert final.content[0].type == "text"
+    assert final.model == "backed"  # translated back from the OpenAI upstream
+    assert headers["x-cb-provider"] == "oai"
+    assert headers["x-cb-fallback"] == "true"
+    assert len(upstream.requests) == 1
+    assert oa.stats()["requests"] == 1
