@@ -20,7 +20,13 @@ import pytest
 from anthropic import AsyncAnthropic
 from anthropic.types import MessageParam, ToolParam
 
-from tests.fakes.upstream import RawReply, RawStreamServer, RunningMock, running_mock
+from tests.fakes.upstream import (
+    RawReply,
+    RawStreamServer,
+    RunningMock,
+    running_formats,
+    running_mock,
+)
 from tests.harness import ProxyHandle, running_proxy, write_rules
 
 RULES = """
@@ -108,11 +114,9 @@ class Trio:
 
 @pytest.fixture
 async def trio(tmp_path: Path) -> AsyncIterator[Trio]:
-    async with (
-        running_mock("openai", name="openai", require_key="sk-oa") as oa,
-        running_mock("anthropic", name="anthropic", require_key="sk-ant-test") as an,
-        running_mock("gemini", name="gemini", require_key="gm-test") as ge,
-    ):
+    async with running_formats(
+        {"openai": "sk-oa", "anthropic": "sk-ant-test", "gemini": "gm-test"}
+    ) as (oa, an, ge):
         path = write_rules(tmp_path, RULES.format(openai=oa.url, anthropic=an.url, gemini=ge.url))
         async with (
             running_proxy(path, environ=KEYS) as proxy,

@@ -21,7 +21,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from tests.fakes.upstream import RunningMock, running_mock
+from tests.fakes.upstream import RunningMock, running_formats
 from tests.harness import ProxyHandle, running_proxy, write_rules
 from tests.openapi import validate
 
@@ -111,11 +111,7 @@ class Trio:
 
 @pytest.fixture
 async def trio(tmp_path: Path) -> AsyncIterator[Trio]:
-    async with (
-        running_mock("openai", name="openai") as oa,
-        running_mock("anthropic", name="anthropic", require_key="sk-ant-test") as an,
-        running_mock("gemini", name="gemini", require_key="gm-test") as ge,
-    ):
+    async with running_formats({"anthropic": "sk-ant-test", "gemini": "gm-test"}) as (oa, an, ge):
         path = write_rules(tmp_path, RULES.format(openai=oa.url, anthropic=an.url, gemini=ge.url))
         async with (
             running_proxy(path, environ=KEYS) as proxy,

@@ -92,6 +92,23 @@ async def running_mock(fmt: FormatName = "openai", **opts: Any) -> AsyncIterator
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def running_formats(
+    keys: Mapping[str, str],
+) -> AsyncIterator[tuple[RunningMock, RunningMock, RunningMock]]:
+    """One mock of each wire format (openai, anthropic, gemini), each named after its format.
+
+    ``keys`` maps a format to the key its mock requires (the proxy must inject it); a format
+    not in ``keys`` takes any key.
+    """
+    async with (
+        running_mock("openai", name="openai", require_key=keys.get("openai")) as oa,
+        running_mock("anthropic", name="anthropic", require_key=keys.get("anthropic")) as an,
+        running_mock("gemini", name="gemini", require_key=keys.get("gemini")) as ge,
+    ):
+        yield oa, an, ge
+
+
 @dataclass(frozen=True)
 class RawReply:
     status: int = 200
