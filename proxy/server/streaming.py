@@ -291,24 +291,28 @@ async def stream(
     except asyncio.CancelledError:
         if not ex.request.app[DRAIN].claim():
             raise  # the client went away (handler cancellation): nobody to answer
-        outcome = await end_at_shutdown(ex, out)
+        outcome = await end_at_shutdown(ex, out, relay)
     attempt.finish(ex, outcome)
     account(ex, cand, relay.usage, relay.content_chars)
     return out
 
 
-async def end_at_shutdown(ex: Exchange, out: web.StreamResponse) -> Outcome:
+async def end_at_shutdown(ex: Exchange, out: web.StreamResponse, relay: StreamRelay) -> Outcome:
     """The grace period ended mid-stream (server/drain.py): an in-band error, then the end.
 
-    The client sees `data: {"error": {"code": "proxy_shutting_down", ...}}` and the final
-    chunk of the chunked body, a clean end its SDK reports as an API error instead of a
-    connection error. The upstream did nothing wrong: the outcome is ignored.
+    The client sees one error event with the code ``proxy_shutting_down``, in its API's
+    shape (the relay's ``error_frame``: OpenAI's ``data: {"error": ...}``, Anthropic's
+    ``event: error``), and the final chunk of the chunked body, a clean end its SDK reports
+    as an API error instead of a connection error. The upstream did nothing wrong: the
+    outcome is ignored.
     """
     LOG.info("request %s: stream ended by the shutdown", ex.request_id)
     try:
         if not out.prepared:
             await out.prepare(ex.request)
-        await out.write(error_frame(shutting_down().to_dict()))
+        frame = relay.error_frame(shutting_down().to_dict())
+        if frame:  # empty when a native relay already passed the upstream's own error on
+            await out.write(frame)
         await out.write_eof()
     except (ConnectionError, RuntimeError, aiohttp.ClientConnectionResetError):
         pass  # the client went away, or the body had just ended: nothing more to send

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import orjson
 import pytest
@@ -644,3 +645,34 @@ async def test_stream_error_event_before_content_fails_over_to_openai(tmp_path: 
     assert headers["x-cb-fallback"] == "true"
     assert len(upstream.requests) == 1
     assert oa.stats()["requests"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["anthropic", "openai"])  # byte relay, and translation
+async def test_a_messages_stream_cut_by_the_shutdown_ends_with_an_anthropic_error_event(
+    tmp_path: Path, fmt: str
+) -> None:
+    async with running_mock(fmt, name="slow", tokens_per_second=4, words=200) as slow:
+        base = slow.url + ("/v1" if fmt == "openai" else "")
+        rules = f"version: 1\nproviders:\n  up: {{type: {fmt}, base_url: '{base}'}}\n"
+        path = write_rules(tmp_path, rules + "models:\n  long: {provider: up}\n")
+        async with (
+            running_proxy(path, grace_period=1.0) as proxy,
+            aiohttp.ClientSession() as session,
+            session.post(
+                proxy.api_url + "/v1/messages",
+                json={"model": "long", "max_tokens": 512, "stream": True, "messages": HELLO},
+                headers={"anthropic-version": "2023-06-01"},
+            ) as resp,
+        ):
+            assert resp.status == 200
+            first = await resp.content.readuntil(b"content_block_delta")
+            assert first
+            proxy.stop.set()  # SIGTERM: the stream outlives the 1 s grace period
+            rest = await resp.content.read()  # a clean end: no payload error
+    frames = [f for f in (first + rest).split(b"\n\n") if f.strip()]
+    last = frames[-1]
+    assert last.startswith(b"event: error\n"), last
+    data = orjson.loads(last.split(b"data: ", 1)[1])
+    assert data["type"] == "error"
+    assert "shutting down" in data["error"]["message"]
+    assert b'"error":{"message"' not in rest  # no OpenAI-shaped frame on this API
