@@ -649,7 +649,7 @@ async def test_stream_error_event_before_content_fails_over_to_openai(tmp_path: 
 
 @pytest.mark.parametrize("fmt", ["anthropic", "openai"])  # byte relay, and translation
 async def test_a_messages_stream_cut_by_the_shutdown_ends_with_an_anthropic_error_event(
-    tmp_path: Path, fmt: str
+    tmp_path: Path, fmt: FormatName
 ) -> None:
     async with running_mock(fmt, name="slow", tokens_per_second=4, words=200) as slow:
         base = slow.url + ("/v1" if fmt == "openai" else "")
