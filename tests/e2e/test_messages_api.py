@@ -21,6 +21,7 @@ import pytest
 from anthropic import AsyncAnthropic
 from anthropic.types import MessageParam, ToolParam
 
+from proxy.mock.app import FormatName
 from tests.fakes.upstream import (
     RawReply,
     RawStreamServer,
