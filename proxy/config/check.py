@@ -90,10 +90,18 @@ BREAKER_KEYS = keys_of(BreakerOverrides)
 HEALTH_CHECK_KEYS = keys_of(HealthCheck)
 DEPLOYMENT_KEYS = keys_of(Deployment, exclude=("model",))
 # A model holds the deployment keys (inherited by its deployments) and its own.
-MODEL_KEYS = (*DEPLOYMENT_KEYS, "deployments", "quality", "aliases", "description", "endpoints")
+MODEL_KEYS = (
+    *DEPLOYMENT_KEYS,
+    "deployments",
+    "quality",
+    "aliases",
+    "description",
+    "endpoints",
+    "continuation",
+)
 VIRTUAL_MODEL_KEYS = keys_of(VirtualModel, exclude=("name",))
 COST_CAP_KEYS = keys_of(CostCap)
-ROUTE_KEYS = ("match", "rewrite", "fallbacks")
+ROUTE_KEYS = ("match", "rewrite", "fallbacks", "continuation")
 MATCH_KEYS = ("model", "headers")
 REWRITE_KEYS = ("model",)
 DEFAULTS_KEYS = keys_of(Defaults)
@@ -422,6 +430,7 @@ def _parse_provider(ck: _Checker, name: str, path: str, body: object) -> Provide
         timeouts=_numeric_section(ck, m, "timeouts", Timeouts),
         breaker=_numeric_section(ck, m, "breaker", BreakerOverrides),
         health_check=_parse_health_check(ck, m),
+        prefill=_flag(ck, m, "prefill"),
     )
 
 
@@ -583,6 +592,7 @@ def _parse_model(ck: _Checker, name: str, path: str, body: object, names: _Names
         aliases=m.names("aliases") or (),
         description=_description(ck, m),
         endpoints=_parse_endpoints(ck, m),
+        continuation=_flag(ck, m, "continuation"),
     )
 
 
@@ -717,7 +727,22 @@ def _parse_route(ck: _Checker, path: str, item: object, names: _Names) -> Route 
     fallbacks = names.check_models(ck, r, "fallbacks", allow_virtual=True)
     if not r.given("rewrite") and not r.given("fallbacks"):
         ck.add(path, "a route needs 'rewrite' and/or 'fallbacks'")
-    return Route(model_glob=glob, headers=headers, rewrite_model=rewrite_model, fallbacks=fallbacks)
+    return Route(
+        model_glob=glob,
+        headers=headers,
+        rewrite_model=rewrite_model,
+        fallbacks=fallbacks,
+        continuation=_flag(ck, r, "continuation"),
+    )
+
+
+def _flag(ck: _Checker, m: _Map, key: str) -> bool | None:
+    """An optional true/false key; None when absent, null or invalid (reported)."""
+    value = m.get(key)
+    if value is not None and not isinstance(value, bool):
+        ck.add(m.at(key), f"expected true or false, got {kind_of(value)}")
+        return None
+    return value
 
 
 def _parse_weights(ck: _Checker, m: _Map) -> Weights:
@@ -745,6 +770,7 @@ def _parse_defaults(ck: _Checker, root: _Map, names: _Names) -> Defaults:
         weights=_parse_weights(ck, m),
         retry=_numeric_section(ck, m, "retry", RetryPolicy),
         response_metadata=metadata if isinstance(metadata, bool) else True,
+        continuation=_flag(ck, m, "continuation") is not False,
     )
 
 

@@ -221,6 +221,10 @@ class Provider:
     timeouts: Timeouts = field(default_factory=Timeouts)
     breaker: BreakerOverrides = field(default_factory=BreakerOverrides)
     health_check: HealthCheck = field(default_factory=HealthCheck)
+    # Whether a stream continuation may send this upstream a trailing assistant message to
+    # continue (docs/breaker.md, "Mid-stream continuation"); None = the type's own: true for
+    # anthropic, false for openai (then the DeepSeek/Mistral ``prefix: true`` form) and gemini.
+    prefill: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +264,9 @@ class Model:
     description: str = ""
     # The endpoints it serves (MODEL_ENDPOINTS); empty = not declared: any endpoint.
     endpoints: tuple[ModelEndpoint, ...] = ()
+    # False: a stream of this model that fails mid-way is not continued, and this model does
+    # not continue another's (docs/breaker.md, "Mid-stream continuation"); None = inherit.
+    continuation: bool | None = None
 
     def serves(self, endpoint: str) -> bool:
         return not self.endpoints or endpoint in self.endpoints
@@ -306,6 +313,7 @@ class Route:
     headers: tuple[tuple[str, str], ...]  # (lower-cased header name, glob)
     rewrite_model: str | None
     fallbacks: tuple[str, ...] = ()
+    continuation: bool | None = None  # None = defaults.continuation
     _model_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     _header_res: tuple[tuple[str, re.Pattern[str]], ...] = field(
         init=False, repr=False, compare=False
@@ -370,6 +378,8 @@ class Defaults:
     weights: Weights = field(default_factory=Weights)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     response_metadata: bool = True
+    # A committed text stream that fails is continued on the next candidate (docs/breaker.md).
+    continuation: bool = True
 
 
 @dataclass(frozen=True, slots=True)

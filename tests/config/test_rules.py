@@ -358,7 +358,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
         "provider key without suggestion",
         _set(P + "zzz", 1),
         "providers.openai.zzz: unknown key (expected one of: type, base_url, api_key_env, "
-        "headers, timeouts, breaker, health_check)",
+        "headers, timeouts, breaker, health_check, prefill)",
     ),
     (
         "provider type",
