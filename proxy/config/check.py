@@ -725,8 +725,8 @@ def _parse_route(ck: _Checker, path: str, item: object, names: _Names) -> Route 
         if rewrite_model is not None:
             names.check_model(ck, rewrite.at("model"), rewrite_model, allow_virtual=True)
     fallbacks = names.check_models(ck, r, "fallbacks", allow_virtual=True)
-    if not r.given("rewrite") and not r.given("fallbacks"):
-        ck.add(path, "a route needs 'rewrite' and/or 'fallbacks'")
+    if not (r.given("rewrite") or r.given("fallbacks") or r.given("continuation")):
+        ck.add(path, "a route needs 'rewrite', 'fallbacks' or 'continuation'")
     return Route(
         model_glob=glob,
         headers=headers,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config.check import load_rules, parse_rules
@@ -755,7 +756,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "route does nothing",
         _set("routes", [{"match": {"model": "x"}}]),
-        "routes[0]: a route needs 'rewrite' and/or 'fallbacks'",
+        "routes[0]: a route needs 'rewrite', 'fallbacks' or 'continuation'",
     ),
     (
         "route match typo",
@@ -1198,3 +1199,56 @@ def write_full(tmp_path: Path) -> Path:
     path = tmp_path / "full.yaml"
     path.write_text(FULL_YAML)
     return path
+
+
+def test_continuation_keys_parse_and_inherit() -> None:
+    text = """
+version: 1
+providers:
+  openai: {type: openai, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_API_KEY}
+  deepseek:
+    type: openai
+    base_url: "https://api.deepseek.com/beta"
+    api_key_env: DEEPSEEK_API_KEY
+    prefill: true
+models:
+  gpt-4o: {provider: openai, upstream_model: gpt-4o, continuation: false}
+  deepseek-chat: {provider: deepseek, upstream_model: deepseek-chat}
+routes:
+  - match: {model: "deepseek-*"}
+    continuation: false
+defaults:
+  continuation: false
+"""
+    rules = parse_rules(yaml.safe_load(text))
+    assert rules.providers["deepseek"].prefill is True
+    assert rules.providers["openai"].prefill is None
+    assert rules.models["gpt-4o"].continuation is False
+    assert rules.models["deepseek-chat"].continuation is None
+    assert rules.routes[0].continuation is False
+    assert rules.defaults.continuation is False
+
+
+def test_continuation_keys_are_booleans() -> None:
+    text = """
+version: 1
+providers:
+  openai: {type: openai, base_url: "https://api.openai.com/v1", prefill: "yes"}
+models:
+  gpt-4o: {provider: openai, upstream_model: gpt-4o, continuation: 1}
+routes:
+  - match: {model: "*"}
+    continuation: "off"
+defaults:
+  continuation: []
+"""
+    with pytest.raises(RulesError) as caught:
+        parse_rules(yaml.safe_load(text))
+    message = str(caught.value)
+    for path in (
+        "providers.openai.prefill",
+        "models.gpt-4o.continuation",
+        "routes[0].continuation",
+        "defaults.continuation",
+    ):
+        assert f"{path}: expected true or false" in message
