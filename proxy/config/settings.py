@@ -56,6 +56,11 @@ DEFAULT_UPSTREAM_MAX_BODY_BYTES = 64 * 1024 * 1024
 # Open connections per upstream host (idle + busy): one app's concurrency with headroom, and
 # 256 x a few upstream hosts stays well inside a container's default 1024+ descriptors.
 DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST = 256
+# Mid-stream continuation (docs/breaker.md): the OpenAI-format bytes of a committed chat stream
+# are copied up to this size so that, if the upstream fails, the text already sent can be
+# recovered; a longer stream drops its copy and is not continued. 0 turns continuation off.
+# 1 MiB is ~7,000 chunks (~150 bytes each), far beyond most answers.
+DEFAULT_CONTINUATION_MAX_BYTES = 1024 * 1024
 
 # Admission control (CB_MAX_IN_FLIGHT, docs/architecture.md 'Admission control'): requests
 # in flight beyond the limit get a fast 503. Unset, the limit is derived from the soft
@@ -111,6 +116,7 @@ class Settings:
     upstream_max_event_bytes: int = DEFAULT_UPSTREAM_MAX_EVENT_BYTES
     upstream_max_body_bytes: int = DEFAULT_UPSTREAM_MAX_BODY_BYTES
     upstream_max_connections_per_host: int = DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST
+    continuation_max_bytes: int = DEFAULT_CONTINUATION_MAX_BYTES  # CB_CONTINUATION_MAX_BYTES
     # CB_MAX_IN_FLIGHT: None = derived_max_in_flight(soft RLIMIT_NOFILE) at start; 0 = no limit.
     max_in_flight: int | None = None
     shutdown_delay: float = DEFAULT_SHUTDOWN_DELAY  # bounded by grace_period
@@ -218,6 +224,9 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, str | None]) -
         ),
         upstream_max_connections_per_host=upstream_limit(
             "CB_UPSTREAM_MAX_CONNECTIONS_PER_HOST", DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_HOST, 1
+        ),
+        continuation_max_bytes=upstream_limit(
+            "CB_CONTINUATION_MAX_BYTES", DEFAULT_CONTINUATION_MAX_BYTES, 0
         ),
         **_connection_settings(environ, flags.get("shutdown_delay")),
         max_in_flight=_max_in_flight(environ),

@@ -49,3 +49,10 @@ def test_a_bad_value_names_its_setting(
 ) -> None:
     with pytest.raises(SettingsError, match=name):
         load_settings(environ, flags)
+
+
+def test_continuation_copy_limit() -> None:
+    assert load_settings({}, {}).continuation_max_bytes == 1024 * 1024
+    assert load_settings({"CB_CONTINUATION_MAX_BYTES": "0"}, {}).continuation_max_bytes == 0
+    with pytest.raises(SettingsError, match="CB_CONTINUATION_MAX_BYTES"):
+        load_settings({"CB_CONTINUATION_MAX_BYTES": "-1"}, {})
