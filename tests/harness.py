@@ -18,6 +18,7 @@ import aiohttp
 
 from proxy.config.check import load_rules
 from proxy.config.settings import HostPort, Settings
+from proxy.core.breaker import CircuitBreaker
 from proxy.server.lifecycle import serve
 from proxy.server.state import ProxyState
 
@@ -51,6 +52,20 @@ class ProxyHandle:
     @property
     def base_url(self) -> str:
         return self.api_url + "/v1"
+
+    def model_breaker(self, provider: str, model: str | None = None) -> CircuitBreaker:
+        """The deployment breaker of ``model`` on ``provider`` (docs/breaker.md, 'Keys').
+
+        Without ``model``: the provider's only model in the rules (a test's usual setup),
+        or the first model that has a deployment there.
+        """
+        for name, declared in self.state.rules.models.items():
+            if model is not None and name != model:
+                continue
+            for dep in declared.deployments:
+                if dep.provider == provider:
+                    return self.state.deployment_breaker(dep)
+        raise LookupError(f"no deployment of {model or 'any model'} on {provider}")
 
     async def metrics_text(self) -> str:
         async with (

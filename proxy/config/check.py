@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.config.model import (
+    HEDGE_AUTO,
+    HOUR_MS,
     MODEL_ENDPOINTS,
     MODEL_IN_PATH_TYPES,
     MODEL_PATH_PREFIX,
@@ -45,11 +47,14 @@ from proxy.config.model import (
     STRATEGIES,
     SUPPORTED_VERSION,
     TASK_TYPES,
+    AdaptiveDeadline,
     BreakerOverrides,
     CostCap,
     Defaults,
     Deployment,
     HealthCheck,
+    HedgeAfter,
+    HedgePolicy,
     Model,
     ModelEndpoint,
     Provider,
@@ -64,7 +69,7 @@ from proxy.config.model import (
     VirtualModel,
     Weights,
 )
-from proxy.config.spec import Int, Spec, declared, keys_of, kind_of
+from proxy.config.spec import Int, Num, Spec, declared, keys_of, kind_of
 
 ROOT_PATH = "<root>"
 SUGGESTION_CUTOFF = 0.6
@@ -101,7 +106,9 @@ MODEL_KEYS = (
 )
 VIRTUAL_MODEL_KEYS = keys_of(VirtualModel, exclude=("name",))
 COST_CAP_KEYS = keys_of(CostCap)
-ROUTE_KEYS = ("match", "rewrite", "fallbacks", "continuation")
+ROUTE_KEYS = ("match", "rewrite", "fallbacks", "continuation", "hedge_after_ms")
+# hedge_after_ms: a number of ms in this range, or "auto".
+HEDGE_AFTER_SPEC = Num(gt=0, le=HOUR_MS, doc="hedge after this many ms without a first token")
 MATCH_KEYS = ("model", "headers")
 REWRITE_KEYS = ("model",)
 DEFAULTS_KEYS = keys_of(Defaults)
@@ -357,7 +364,9 @@ def _parse_headers(ck: _Checker, m: _Map) -> Mapping[str, str]:
     return MappingProxyType(headers)
 
 
-_Section = TypeVar("_Section", Timeouts, BreakerOverrides, RetryPolicy)
+_Section = TypeVar(
+    "_Section", Timeouts, BreakerOverrides, RetryPolicy, HedgePolicy, AdaptiveDeadline
+)
 
 
 def _numeric_section(ck: _Checker, m: _Map, key: str, cls: type[_Section]) -> _Section:
@@ -687,6 +696,7 @@ def _parse_virtual_model(
         max_latency_ms=m.scalar("max_latency_ms", VIRTUAL_MODEL_SPECS["max_latency_ms"].spec),
         fallback_models=names.check_models(ck, m, "fallback_models", allow_virtual=True),
         description=_description(ck, m),
+        hedge_after_ms=_hedge_after(ck, m),
     )
 
 
@@ -725,15 +735,29 @@ def _parse_route(ck: _Checker, path: str, item: object, names: _Names) -> Route 
         if rewrite_model is not None:
             names.check_model(ck, rewrite.at("model"), rewrite_model, allow_virtual=True)
     fallbacks = names.check_models(ck, r, "fallbacks", allow_virtual=True)
-    if not (r.given("rewrite") or r.given("fallbacks") or r.given("continuation")):
-        ck.add(path, "a route needs 'rewrite', 'fallbacks' or 'continuation'")
+    if not any(r.given(key) for key in ROUTE_KEYS[1:]):
+        ck.add(path, "a route needs 'rewrite', 'fallbacks', 'continuation' or 'hedge_after_ms'")
     return Route(
         model_glob=glob,
         headers=headers,
         rewrite_model=rewrite_model,
         fallbacks=fallbacks,
         continuation=_flag(ck, r, "continuation"),
+        hedge_after_ms=_hedge_after(ck, r),
     )
+
+
+def _hedge_after(ck: _Checker, m: _Map) -> HedgeAfter:
+    """``hedge_after_ms``: a number of ms, or "auto"; None when absent or invalid (reported)."""
+    value = m.get("hedge_after_ms")
+    if value is None:
+        return None
+    if value == HEDGE_AUTO:
+        return HEDGE_AUTO
+    if isinstance(value, str):
+        ck.add(m.at("hedge_after_ms"), f"expected a number of ms or {HEDGE_AUTO!r}, got {value!r}")
+        return None
+    return m.scalar("hedge_after_ms", HEDGE_AFTER_SPEC)
 
 
 def _flag(ck: _Checker, m: _Map, key: str) -> bool | None:
@@ -771,6 +795,8 @@ def _parse_defaults(ck: _Checker, root: _Map, names: _Names) -> Defaults:
         retry=_numeric_section(ck, m, "retry", RetryPolicy),
         response_metadata=metadata if isinstance(metadata, bool) else True,
         continuation=_flag(ck, m, "continuation") is not False,
+        hedge=_numeric_section(ck, m, "hedge", HedgePolicy),
+        first_token_deadline=_numeric_section(ck, m, "first_token_deadline", AdaptiveDeadline),
     )
 
 

@@ -39,7 +39,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from proxy.config.spec import Int, Num, Spec
 
@@ -81,6 +81,11 @@ WINDOW_SECONDS_MAX = 3600.0
 # (docs/rules.md, "General rules": upper bounds).
 DAY_SECONDS = 86_400.0  # timeouts, open periods, health-check interval
 HOUR_MS = 3_600_000.0  # latencies in ms
+# ``hedge_after_ms: auto``: the deployment's live p95 time to first token times ``hedge.factor``.
+HEDGE_AUTO: Final = "auto"
+HedgeAfter = float | Literal["auto"] | None
+FACTOR_MAX = 100.0
+SAMPLES_MAX = 100_000
 # A retry backoff is waited inside one client request: a minute, like max_retry_wait.
 RETRY_BACKOFF_MS_MAX = 60_000.0
 COUNT_MAX = 1_000_000  # failure counts, calls in the window
@@ -293,6 +298,8 @@ class VirtualModel:
     ] = None
     fallback_models: tuple[str, ...] = ()
     description: str = ""
+    # Hedged first token (docs/breaker.md, 'Hedging'): ms, or "auto"; None = no hedging.
+    hedge_after_ms: HedgeAfter = None
 
 
 def _compile_glob(pattern: str, *, ignore_case: bool = False) -> re.Pattern[str]:
@@ -314,6 +321,8 @@ class Route:
     rewrite_model: str | None
     fallbacks: tuple[str, ...] = ()
     continuation: bool | None = None  # None = defaults.continuation
+    # Hedged first token (docs/breaker.md, 'Hedging'): ms, or "auto"; None = no hedging.
+    hedge_after_ms: HedgeAfter = None
     _model_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     _header_res: tuple[tuple[str, re.Pattern[str]], ...] = field(
         init=False, repr=False, compare=False
@@ -369,6 +378,54 @@ class RetryPolicy:
     budget_ratio: Annotated[
         float, Num(ge=0, le=1, doc="retries in flight as a share of active requests (min 3)")
     ] = 0.2
+    quick_failure_ms: Annotated[
+        float,
+        Num(
+            ge=0,
+            le=RETRY_BACKOFF_MS_MAX,
+            doc="an attempt that failed later than this is never retried on the same deployment",
+        ),
+    ] = 2000.0
+
+
+@dataclass(frozen=True, slots=True)
+class HedgePolicy:
+    """How ``hedge_after_ms: auto`` is worked out (docs/breaker.md, 'Hedging')."""
+
+    factor: Annotated[
+        float,
+        Num(gt=0, le=FACTOR_MAX, doc="auto hedges after the p95 time to first token times this"),
+    ] = 2.0
+    min_ms: Annotated[
+        float, Num(ge=0, le=HOUR_MS, doc="auto never hedges sooner than this many ms")
+    ] = 250.0
+    min_samples: Annotated[
+        int,
+        Int(ge=1, le=SAMPLES_MAX, doc="first tokens measured on a deployment before auto hedges"),
+    ] = 20
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveDeadline:
+    """The first-token deadline each deployment earns from its history (docs/breaker.md)."""
+
+    factor: Annotated[
+        float,
+        Num(ge=0, le=FACTOR_MAX, doc="deadline = the live quantile times this; 0 turns it off"),
+    ] = 3.0
+    quantile: Annotated[
+        float, Num(gt=0, le=1, doc="which quantile of the live first-token times")
+    ] = 0.99
+    floor_ms: Annotated[
+        float, Num(ge=0, le=HOUR_MS, doc="the adaptive deadline is never shorter than this")
+    ] = 2000.0
+    min_samples: Annotated[
+        int,
+        Int(ge=1, le=SAMPLES_MAX, doc="first tokens measured before the deadline adapts"),
+    ] = 20
+    window_seconds: Annotated[
+        float, Num(gt=0, le=DAY_SECONDS, doc="how far back first-token times count")
+    ] = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +437,8 @@ class Defaults:
     response_metadata: bool = True
     # A committed text stream that fails is continued on the next candidate (docs/breaker.md).
     continuation: bool = True
+    hedge: HedgePolicy = field(default_factory=HedgePolicy)
+    first_token_deadline: AdaptiveDeadline = field(default_factory=AdaptiveDeadline)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,21 @@ _EMPTY: Mapping[str, float] = MappingProxyType({})
 class LiveView(Protocol):
     """Live facts about upstreams that routing depends on.
 
-    The router asks once per provider per request (breakers are per provider)
+    The router asks once per deployment per request (breakers are per deployment)
     and uses the answer for every deployment on that provider.
     """
 
     def has_key(self, provider: Provider) -> bool: ...
+
+    def epoch(self) -> object:
+        """A value that changes whenever any answer below may have changed.
+
+        The router keeps the answers it got while this stays equal (docs/architecture.md,
+        'Routing'): the server's changes at each breaker transition, each rules swap and
+        every 100 ms (windowed rates move slowly; a breaker the plan still thinks closed is
+        skipped by the attempt loop without I/O anyway).
+        """
+        ...
 
     def is_blocked(self, deployment: Deployment) -> bool:
         """True when the deployment's breaker is open (no probe allowed now)."""
@@ -43,6 +53,9 @@ class StaticView:
 
     def has_key(self, provider: Provider) -> bool:
         return True
+
+    def epoch(self) -> object:
+        return 0  # nothing here ever changes
 
     def is_blocked(self, deployment: Deployment) -> bool:
         return False

@@ -28,7 +28,7 @@ def candidate_facts(plan: RoutePlan) -> list[CandidateFacts]:
     facts = []
     for k, cand in enumerate(plan.candidates):
         dep = cand.deployment
-        stats = plan.stats.get(dep.provider)
+        stats = plan.stats.get(dep.key)
         measured = stats.latency_ms if stats is not None else None
         if measured is not None:
             latency, source = measured, "p95"

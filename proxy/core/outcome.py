@@ -46,3 +46,22 @@ def classify_status(
 def is_transient(status: int) -> bool:
     """A quick failure worth one retry on the same deployment (docs/breaker.md)."""
     return status in _TRANSIENT_STATUSES
+
+
+def breaker_outcomes(outcome: Outcome, provider_level: bool) -> tuple[Outcome, Outcome]:
+    """(provider breaker's, deployment breaker's) outcome of one attempt (docs/breaker.md, 'Keys').
+
+    A provider-level failure (the path to the upstream or the proxy's credential: connect
+    refused, DNS, TLS, a reset before any reply, 401/403 on the proxy's key, quota) counts on
+    the provider breaker only, so a provider that comes back does not find each of its models
+    still open. Any other failure is the model's: the provider answered, which says its
+    transport works (a success there), and the deployment breaker counts the failure. A rate
+    limit says nothing about the transport; ignored outcomes count nowhere.
+    """
+    if outcome is Outcome.SUCCESS or outcome is Outcome.IGNORED:
+        return outcome, outcome
+    if outcome is Outcome.RATE_LIMITED:
+        return Outcome.IGNORED, outcome
+    if provider_level:
+        return Outcome.FAILURE, Outcome.IGNORED
+    return Outcome.SUCCESS, Outcome.FAILURE

@@ -41,8 +41,8 @@ Invariants:
 - A deployment appears at most once in ``candidates``; every deployment
   considered and not there has exactly one Rejection.
 - Deterministic: the same rules, request and live facts give the same plan.
-- Live facts are per upstream (one breaker per provider, docs/breaker.md "Keys"),
-  so the router asks the LiveView once per provider per request.
+- Live facts are per deployment (its breaker, docs/breaker.md "Keys"), so the
+  router asks the LiveView once per deployment per request.
 - Lookup tables are compiled once per RuleSet (``_compiled``); a request does
   dictionary lookups, filters over precomputed tuples and, only when the live
   facts changed, a sort (orders are memoised per pool: proxy.core.strategies).
@@ -63,6 +63,7 @@ from proxy.config.model import (
     TASK_TYPES,
     CostCap,
     Model,
+    Route,
     RuleSet,
     TaskType,
     VirtualModel,
@@ -109,13 +110,17 @@ class RoutePlan:
     # candidates[:primary_count] are the strategy's order; the rest are fallbacks.
     primary_count: int = 0
     scores: tuple[float, ...] = ()  # balanced scores of the primary candidates, in order
-    # The live facts per provider the plan was made with (empty on the one-deployment path).
+    # The live facts per deployment the plan was made with (empty on the one-deployment path).
     stats: Mapping[str, UpstreamStats] = field(default_factory=lambda: _NO_STATS)
     prompt_tokens: int = 0
     max_cost: CostCap | None = None
     max_latency_ms: float | None = None
     # Request fallbacks skipped (unknown, or not serving the endpoint): ``x-cb-warning``.
     warnings: tuple[str, ...] = ()
+    # The route that matched and the virtual model resolved to, if any: their per-request
+    # settings (hedging, continuation) apply to the attempts.
+    route: Route | None = None
+    virtual: VirtualModel | None = None
 
     @property
     def rejected(self) -> tuple[Rejection, ...]:
@@ -176,8 +181,10 @@ def _pool(models: Sequence[Model], rules: RuleSet, cache: dict[str, Candidate]) 
                 cand = cache[dep.key] = Candidate(dep, provider, window, model.quality)
             cands.append(cand)
     deps = [c.deployment for c in cands]
-    providers = list(dict.fromkeys(d.provider for d in deps))
-    reps = {p: next(c for c in cands if c.deployment.provider == p) for p in providers}
+    # Live facts are per deployment, as its breaker is (docs/breaker.md, 'Keys'): one
+    # overloaded model must not make its provider's other models look slow or failing.
+    units = list(dict.fromkeys(d.key for d in deps))
+    reps = {k: next(c for c in cands if c.deployment.key == k) for k in units}
     quality: dict[str | None, tuple[float, ...]] = {
         t: tuple(c.quality.get(t, UNRATED_QUALITY) for c in cands) for t in TASK_TYPES
     }
@@ -196,9 +203,9 @@ def _pool(models: Sequence[Model], rules: RuleSet, cache: dict[str, Candidate]) 
         priors=tuple(UNKNOWN_LATENCY if d.latency_ms is None else d.latency_ms for d in deps),
         windows=windows,
         quality=quality,
-        providers=tuple(providers),
+        providers=tuple(units),
         reps=tuple(reps.values()),
-        pidx=tuple(providers.index(d.provider) for d in deps),
+        pidx=tuple(units.index(d.key) for d in deps),
         models=len({d.model for d in deps}),
         min_window=min(windows, default=math.inf),
         everything=tuple(range(len(cands))),
@@ -337,7 +344,7 @@ class _Drop:
     pool: Pool
     indices: tuple[int, ...]
     limit: object = None  # prompt tokens, the CostCap or the latency cap
-    measured: tuple[float | None, ...] = ()  # live latency per provider of the pool
+    measured: tuple[float | None, ...] = ()  # live latency per deployment of the pool
 
     def rejections(self) -> Iterator[Rejection]:
         pool = self.pool
@@ -392,7 +399,7 @@ def _rejections(drops: Sequence[_Drop], planned: Sequence[Candidate]) -> tuple[R
 
 
 class _Planner(Ranker):
-    """One request's planning: live facts memoised per provider, then the filters."""
+    """One request's planning: live facts memoised per deployment, then the filters."""
 
     __slots__ = ("live",)
 
@@ -409,22 +416,34 @@ class _Planner(Ranker):
         super().__init__(task, source, messages, weights)
         self.live = live
 
-    def upstream(self, cand: Candidate) -> UpstreamStats:
-        name = cand.deployment.provider
-        stats = self.stats.get(name)
-        if stats is None:
-            live, dep = self.live, cand.deployment
-            if live.has_key(cand.provider):
-                ratio = live.success_ratio(dep)
-                if ratio is not None:
-                    # 0.1 % steps: under steady traffic the ratio moves with every call,
-                    # and a finer value would only defeat the order memo.
-                    ratio = round(ratio, SUCCESS_DECIMALS)
-                stats = UpstreamStats(True, live.is_blocked(dep), live.latency_ms(dep), ratio)
-            else:
-                stats = UpstreamStats(False, False)
-            self.stats[name] = stats
-        return stats
+    def upstreams(self, pool: Pool) -> Sequence[UpstreamStats]:
+        """The live facts of each deployment of ``pool`` (in ``pool.providers`` order).
+
+        Memoised on the pool for as long as the LiveView's ``epoch`` stays the same: asking
+        every deployment of a 50-model catalog on every request would cost more than the
+        rest of the planning together.
+        """
+        live = self.live
+        epoch = live.epoch()
+        memo = pool.live
+        if memo and memo[0][0] is live and memo[0][1] == epoch:
+            ups: Sequence[UpstreamStats] = memo[0][2]
+        else:
+            ups = tuple([self.ask(rep) for rep in pool.reps])
+            memo[:] = [(live, epoch, ups)]
+        self.stats.update(zip(pool.providers, ups, strict=True))
+        return ups
+
+    def ask(self, cand: Candidate) -> UpstreamStats:
+        live, dep = self.live, cand.deployment
+        if not live.has_key(cand.provider):
+            return UpstreamStats(False, False)
+        ratio = live.success_ratio(dep)
+        if ratio is not None:
+            # 0.1 % steps: under steady traffic the ratio moves with every call,
+            # and a finer value would only defeat the order memo.
+            ratio = round(ratio, SUCCESS_DECIMALS)
+        return UpstreamStats(True, live.is_blocked(dep), live.latency_ms(dep), ratio)
 
     def eligible(
         self,
@@ -439,7 +458,7 @@ class _Planner(Ranker):
         What a filter drops is recorded once per filter (a _Drop), and turned
         into text only if someone reads ``RoutePlan.rejected``.
         """
-        ups = [self.upstream(rep) for rep in pool.reps]
+        ups = self.upstreams(pool)
         idx: Sequence[int] = pool.everything
         if not all(u.available for u in ups):
             usable = [u.available for u in ups]
@@ -557,6 +576,8 @@ def plan_route(
             blocked=pool.cands if live.is_blocked(pool.cands[0].deployment) else (),
             primary_count=1,
             prompt_tokens=prompt_tokens,
+            route=route,
+            virtual=virtual,
         )
 
     planner = _Planner(live, prefs, virtual, messages, rules.defaults.weights)
@@ -629,7 +650,7 @@ def plan_route(
     stats = planner.stats
     blocked: tuple[Candidate, ...] = ()
     if any(s.blocked for s in stats.values()):
-        blocked = tuple(c for c in candidates if stats[c.deployment.provider].blocked)
+        blocked = tuple(c for c in candidates if stats[c.deployment.key].blocked)
         if blocked and candidates[0] is blocked[0]:
             reason += ", breaker open"
     return RoutePlan(
@@ -649,4 +670,6 @@ def plan_route(
         max_cost=cost_cap,
         max_latency_ms=latency_cap,
         warnings=tuple(warnings),
+        route=route,
+        virtual=virtual,
     )

@@ -71,15 +71,21 @@ class Pool:
     priors: tuple[float, ...]  # latency prior in ms; UNKNOWN_LATENCY when the rules give none
     windows: tuple[float, ...]  # context window; inf when unknown
     quality: Mapping[str | None, tuple[float, ...]]  # task type -> rating; None -> mean rating
-    providers: tuple[str, ...]  # distinct, in order of first appearance
-    reps: tuple[Candidate, ...]  # the first candidate on each of those providers
-    pidx: tuple[int, ...]  # per candidate: the index of its provider in ``providers``
+    # The units live facts are kept for: deployment keys (breakers are per deployment),
+    # distinct, in order of first appearance.
+    providers: tuple[str, ...]
+    reps: tuple[Candidate, ...]  # the first candidate of each of those units
+    pidx: tuple[int, ...]  # per candidate: the index of its unit in ``providers``
     models: int  # distinct models
     min_window: float  # the smallest known context window; inf when none is known
     everything: tuple[int, ...]  # range(len(cands)): "no candidate dropped"
     # Balanced terms that depend only on the rules, filled on first use (see Ranker.balanced).
     static: dict[object, tuple[float, ...]] = field(default_factory=dict, compare=False)
     # Orders of the whole pool by (strategy, task, live facts): see Ranker.ordered.
+    # The last live facts asked for the pool: (LiveView, its epoch, facts per unit).
+    live: list[tuple[object, object, tuple[UpstreamStats, ...]]] = field(
+        default_factory=list, compare=False
+    )
     memo: dict[object, Ordered] = field(default_factory=dict, compare=False)
 
 
@@ -169,7 +175,7 @@ class Ranker:
         self.task_source = task_source
         self.messages = messages
         self.weights = weights
-        # Per provider; every provider of a pool is in here before the pool is ordered.
+        # Per deployment key; every unit of a pool is in here before the pool is ordered.
         self.stats: dict[str, UpstreamStats] = {}
 
     def needed_task(self, pool: Pool) -> TaskType | None:

@@ -141,6 +141,18 @@ class Window:
         if not self._samples:
             return -1.0
         if self._p95 is None:
-            rank = math.ceil(LATENCY_QUANTILE * self._samples)
-            self._p95 = _BIN_VALUES[bisect_left(list(accumulate(self._hist)), rank)]
+            self._p95 = self.quantile(LATENCY_QUANTILE)
         return self._p95
+
+    @property
+    def samples(self) -> int:
+        """Latency samples in the window."""
+        return self._samples
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0 < q <= 1) of the latencies in the window, like ``p95``."""
+        if not self._samples:
+            return -1.0
+        rank = max(1, math.ceil(q * self._samples))
+        value: float = _BIN_VALUES[bisect_left(list(accumulate(self._hist)), rank)]
+        return value

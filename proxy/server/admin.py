@@ -118,16 +118,34 @@ async def usage(request: web.Request) -> web.Response:
 # -- circuit-breaker API --------------------------------------------------------------
 
 
-def _lookup(state: ProxyState, name: str) -> CircuitBreaker:
-    breaker = state.breakers.get_all().get(name)
-    if breaker is None:
-        known = ", ".join(sorted(state.breakers.get_all())) or "none"
-        raise NotFound(
-            f"unknown circuit breaker {name!r}; known breakers: {known}",
-            param="name",
-            code="breaker_not_found",
-        )
-    return breaker
+def _lookup(state: ProxyState, name: str) -> tuple[CircuitBreaker, dict[str, CircuitBreaker]]:
+    """The breaker called ``name`` and the deployment breakers an order on it governs.
+
+    An upstream's name is its provider breaker and every deployment breaker on it (one
+    operator order for the upstream, docs/breaker.md 'Admin'); ``model@upstream`` is that
+    one deployment's breaker alone.
+    """
+    breaker = state.breakers.get(name)
+    if breaker is not None:
+        return breaker, state.deployments_on(name)
+    breaker = state.deployment_breakers.get(name)
+    if breaker is not None:
+        return breaker, {}
+    known = ", ".join(sorted(state.breakers.get_all())) or "none"
+    raise NotFound(
+        f"unknown circuit breaker {name!r}; known breakers: {known} "
+        "(or a deployment as model@upstream)",
+        param="name",
+        code="breaker_not_found",
+    )
+
+
+def _deployment_metrics(state: ProxyState) -> dict[str, Any]:
+    """Each deployment breaker's metrics, with its labels and its first-token figures."""
+    out: dict[str, Any] = {}
+    for key, breaker in sorted(state.deployment_breakers.get_all().items()):
+        out[key] = {**breaker.get_metrics(), **state.deployment_facts(key)}
+    return out
 
 
 def overall_health(states: Mapping[str, State]) -> str:
@@ -141,18 +159,25 @@ def overall_health(states: Mapping[str, State]) -> str:
 
 
 async def breaker_metrics(request: web.Request) -> web.Response:
-    breakers = _state(request).breakers.get_all()
-    return json_response({"breakers": {n: b.get_metrics() for n, b in sorted(breakers.items())}})
+    state = _state(request)
+    breakers = state.breakers.get_all()
+    return json_response(
+        {
+            "breakers": {n: b.get_metrics() for n, b in sorted(breakers.items())},
+            "deployments": _deployment_metrics(state),
+        }
+    )
 
 
 async def breaker_status(request: web.Request) -> web.Response:
-    breakers = _state(request).breakers.get_all()
+    state = _state(request)
     return json_response(
         {
-            "breakers": {
-                n: {"state": b.state.value, "mode": b.mode.value}
-                for n, b in sorted(breakers.items())
-            }
+            name: {n: {"state": b.state.value, "mode": b.mode.value} for n, b in sorted(r.items())}
+            for name, r in (
+                ("breakers", state.breakers.get_all()),
+                ("deployments", state.deployment_breakers.get_all()),
+            )
         }
     )
 
@@ -169,12 +194,18 @@ async def breaker_health(request: web.Request) -> web.Response:
     )
     # Always 200: this reports the upstreams, and a probe reading it must not restart
     # the sidecar because a provider is down (/readyz is the probe endpoint).
+    deployments = {n: b.state for n, b in sorted(state.deployment_breakers.get_all().items())}
+    status = overall_health(states)
+    if status == "healthy" and any(s is not State.CLOSED for s in deployments.values()):
+        status = "degraded"  # one model out on a provider that is otherwise fine
     return json_response(
         {
-            "status": overall_health(states),
+            "status": status,
             "breakers": {"total": len(states), **{s.value: counts[s.value] for s in State}},
             "open": [n for n, s in states.items() if s in UNAVAILABLE_STATES],
             "half_open": [n for n, s in states.items() if s is State.HALF_OPEN],
+            "open_deployments": [n for n, s in deployments.items() if s in UNAVAILABLE_STATES],
+            "half_open_deployments": [n for n, s in deployments.items() if s is State.HALF_OPEN],
             "health_checks": checks,
         }
     )
@@ -184,9 +215,11 @@ async def mutate_breaker(request: web.Request) -> web.Response:
     who = authorize_mutation(request)
     action = request.match_info["action"]
     name = request.match_info["name"]
-    breaker = _lookup(_state(request), name)
+    breaker, governed = _lookup(_state(request), name)
     before_state, before_mode = breaker.state, breaker.mode
     MUTATIONS[action](breaker)
+    for deployment in governed.values():
+        MUTATIONS[action](deployment)
     LOG.warning(
         "admin: %s on breaker %s by %s: state %s -> %s, mode %s -> %s",
         action,
@@ -198,14 +231,27 @@ async def mutate_breaker(request: web.Request) -> web.Response:
         breaker.mode.value,
         extra={"cb": {"admin_action": action, "upstream": name, "by": who}},
     )
-    return json_response({"action": action, "breaker": breaker.get_metrics()})
+    return json_response(
+        {
+            "action": action,
+            "breaker": breaker.get_metrics(),
+            "deployments": {n: b.get_metrics() for n, b in sorted(governed.items())},
+        }
+    )
 
 
 async def reset_all_breakers(request: web.Request) -> web.Response:
     who = authorize_mutation(request)
-    registry = _state(request).breakers
-    changed = sorted(n for n, b in registry.get_all().items() if b.state is not State.CLOSED)
+    state = _state(request)
+    registry = state.breakers
+    changed = sorted(
+        n
+        for r in (registry, state.deployment_breakers)
+        for n, b in r.get_all().items()
+        if b.state is not State.CLOSED
+    )
     registry.reset_all()
+    state.deployment_breakers.reset_all()
     LOG.warning(
         "admin: reset-all by %s: %d breaker(s) were not closed: %s",
         who,
@@ -218,6 +264,7 @@ async def reset_all_breakers(request: web.Request) -> web.Response:
         {
             "action": "reset-all",
             "breakers": {n: b.get_metrics() for n, b in sorted(breakers.items())},
+            "deployments": _deployment_metrics(state),
         }
     )
 

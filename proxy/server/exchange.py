@@ -17,8 +17,9 @@ from aiohttp import web
 from proxy.config.model import RuleSet
 from proxy.core.breaker import CircuitBreaker, Permit
 from proxy.core.candidates import Candidate
+from proxy.core.deadlines import FirstTokenTimes
 from proxy.core.errors import ProxyError, UpstreamHTTPError
-from proxy.core.outcome import Outcome
+from proxy.core.outcome import Outcome, breaker_outcomes
 from proxy.core.router import RoutePlan
 from proxy.core.secrets import Redactor
 from proxy.core.usage import estimate_tokens
@@ -73,6 +74,7 @@ class AttemptFailed(Exception):
         *,
         transient: bool = False,
         local: bool = False,
+        provider_level: bool = False,
     ) -> None:
         super().__init__(error.message)
         self.error = error
@@ -80,33 +82,67 @@ class AttemptFailed(Exception):
         self.info = info
         self.transient = transient
         self.local = local  # the proxy's own failure (proxy.upstream.errors.LocalFailure)
+        # The provider's failure (transport, its key, quota), not the model's (docs/breaker.md).
+        self.provider_level = provider_level
         self.context_window: int | None = None  # of the candidate that failed
+        self.elapsed = 0.0  # seconds the attempt took (the quick-retry rule reads it)
 
 
 class Attempt:
-    """One upstream call: its candidate, breaker permit and timings."""
+    """One upstream call: its candidate, its two breaker permits and timings.
 
-    __slots__ = ("_done", "breaker", "cand", "index", "permit", "started", "ttft")
+    ``breaker``/``permit`` are the provider's, ``model_breaker``/``model_permit`` the
+    deployment's (docs/breaker.md, 'Keys'); ``finish`` reports to each the outcome of
+    its level (``proxy.core.outcome.breaker_outcomes``).
+    """
+
+    __slots__ = (
+        "_done",
+        "breaker",
+        "cand",
+        "index",
+        "model_breaker",
+        "model_permit",
+        "permit",
+        "started",
+        "times",
+        "ttft",
+    )
 
     def __init__(
-        self, cand: Candidate, index: int, breaker: CircuitBreaker, permit: Permit, started: float
+        self,
+        cand: Candidate,
+        index: int,
+        breaker: CircuitBreaker,
+        permit: Permit,
+        started: float,
+        model_breaker: CircuitBreaker,
+        model_permit: Permit,
+        times: FirstTokenTimes | None = None,
     ) -> None:
         self.cand = cand
+        # Where a stream's first-token time goes (adaptive deadlines); None for a plain
+        # request, whose "first token" is the whole generation.
+        self.times = times
         self.index = index
         self.breaker = breaker
         self.permit = permit
+        self.model_breaker = model_breaker
+        self.model_permit = model_permit
         self.started = started
         self.ttft: float | None = None
         self._done = False
 
     def sent(self) -> None:
-        """The request left the proxy: the breaker may judge it stalled from now on."""
-        self.breaker.sent(self.permit)
+        """The request left the proxy: the breakers may judge it stalled from now on."""
+        self.model_breaker.sent(self.model_permit)  # stalls are the model's (docs/breaker.md)
 
     def first_token(self) -> None:
         if self.ttft is None:
             self.ttft = time.monotonic() - self.started
-            self.breaker.first_token(self.permit)  # answering: no longer judged as stalled
+            self.model_breaker.first_token(self.model_permit)  # answering: not stalled
+            if self.times is not None:
+                self.times.observe(self.cand.deployment.key, self.ttft)
 
     def seconds(self, ex: Exchange) -> float:
         elapsed = time.monotonic() - self.started
@@ -115,23 +151,45 @@ class Attempt:
             ex.upstream_seconds += elapsed
         return elapsed
 
+    def release(self) -> None:
+        """No outcome for either breaker (nothing was sent, or the proxy's own fault)."""
+        self.breaker.release(self.permit)
+        self.model_breaker.release(self.model_permit)
+
     def finish_local(self, ex: Exchange) -> None:
         """A local failure (docs/upstream.md): no breaker outcome, counted as ``local_failure``."""
         if self._done:
             return
         elapsed = self.seconds(ex)
-        self.breaker.release(self.permit)
+        self.release()
         ex.state.record_attempt(
             self.cand.provider, self.cand.deployment.model, LOCAL_FAILURE, elapsed, None
         )
 
-    def finish(self, ex: Exchange, outcome: Outcome, retry_after: float | None = None) -> None:
-        """Record the outcome once: breaker, metrics, time spent upstream."""
+    def finish(
+        self,
+        ex: Exchange,
+        outcome: Outcome,
+        retry_after: float | None = None,
+        *,
+        provider_level: bool = False,
+    ) -> None:
+        """Record the outcome once: both breakers, metrics, time spent upstream.
+
+        ``provider_level``: a failure of the provider itself (transport, its key, quota)
+        rather than of this model (docs/breaker.md, 'Keys').
+        """
         if self._done:
             return
         elapsed = self.seconds(ex)
-        latency = self.ttft if self.ttft is not None else elapsed
-        self.breaker.record(self.permit, outcome, latency * 1000.0, retry_after)
+        latency = (self.ttft if self.ttft is not None else elapsed) * 1000.0
+        if outcome is Outcome.SUCCESS:  # the common case, without the split
+            self.breaker.record(self.permit, outcome, latency)
+            self.model_breaker.record(self.model_permit, outcome, latency)
+        else:
+            on_provider, on_model = breaker_outcomes(outcome, provider_level)
+            self.breaker.record(self.permit, on_provider, latency, retry_after)
+            self.model_breaker.record(self.model_permit, on_model, latency, retry_after)
         state = ex.state
         state.record_attempt(
             self.cand.provider, self.cand.deployment.model, outcome.value, elapsed, self.ttft
@@ -174,6 +232,7 @@ def base_headers(ex: Exchange, attempt: Attempt) -> dict[str, str]:
         "x-cb-attempts": str(ex.attempts),
         "x-cb-fallback": "true" if attempt.index > 0 else "false",
         "x-cb-breaker-state": attempt.breaker.state.value,
+        "x-cb-deployment-breaker-state": attempt.model_breaker.state.value,
         "x-cb-route": header_value(ex.route_header()),
     }
     if ex.plan.warnings:  # request fallbacks that were skipped (proxy.core.router)
@@ -190,6 +249,7 @@ def metadata(ex: Exchange, attempt: Attempt, cost: float) -> JSONDict:
         "fallback_used": attempt.index > 0,
         "attempts": ex.attempts,
         "breaker_state": attempt.breaker.state.value,
+        "deployment_breaker_state": attempt.model_breaker.state.value,
         "cost_usd": cost,
         "usage_estimated": ex.usage_estimated,
         "route": ex.route_header(),

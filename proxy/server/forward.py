@@ -82,12 +82,14 @@ ERROR_BODY_LIMIT = 256 * 1024  # an upstream error body larger than this is cut
 RETRY_BUDGET_FLOOR = 3
 DEFAULT_RETRY_AFTER = 1.0
 FORCED_OPEN_RETRY_AFTER = 60.0
+# Failures with these statuses are the account's (402 payment, 429 quota), not one model's.
+QUOTA_STATUSES = frozenset({402, 429})
 
 
-# One upstream try: (exchange, candidate, index, breaker, permit, request deadline) -> response.
-AttemptFn = Callable[
-    [Exchange, Candidate, int, CircuitBreaker, Permit, float], Awaitable[web.StreamResponse]
-]
+# The breakers of one try and their permits: provider's, then the deployment's.
+Permits = tuple[CircuitBreaker, Permit, CircuitBreaker, Permit]
+# One upstream try: (exchange, candidate, index, permits, request deadline) -> response.
+AttemptFn = Callable[[Exchange, Candidate, int, Permits, float], Awaitable[web.StreamResponse]]
 
 
 class _Phase:
@@ -124,13 +126,14 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
             state.metrics.rejections.labels(cand.provider.name, "rate_limited").inc()
             continue
         breaker = state.breaker(cand.provider.name)
+        model_breaker = state.deployment_breaker(cand.deployment)
         retries = 0
         retried: AttemptFailed | None = None  # the failure whose retry is pending
         holding = False  # this request holds a retry-budget slot: from the backoff to the end
         try:
             while True:
-                permit = breaker.permit()
-                if permit is None:
+                permits = _permits(breaker, model_breaker)
+                if permits is None:
                     if holding:
                         state.retries_in_flight -= 1
                         holding = False
@@ -138,23 +141,25 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
                     if retried is not None:
                         errors.append(retried)  # it was tried and failed: its error still counts
                         break
-                    wait = breaker.retry_after_seconds()
-                    # A forced-open breaker never reopens by itself: do not invite quick retries.
-                    open_waits.append(FORCED_OPEN_RETRY_AFTER if wait is None else wait)
+                    open_waits.append(_open_wait(breaker, model_breaker))
                     break
+                permit, model_permit = permits
                 try:
-                    return await try_upstream(ex, cand, index, breaker, permit, deadline)
+                    return await try_upstream(
+                        ex, cand, index, (breaker, permit, model_breaker, model_permit), deadline
+                    )
                 except AttemptFailed as failed:
                     if holding:  # the retried attempt is over: its budget slot returns
                         state.retries_in_flight -= 1
                         holding = False
                     failed.context_window = cand.context_window
                     LOG.info(
-                        "request %s attempt %d on %s failed (%s): %s",
+                        "request %s attempt %d on %s failed (%s) after %.3f s: %s",
                         ex.request_id,
                         ex.attempts,
                         cand.deployment.key,
                         failed.outcome.value,
+                        failed.elapsed,
                         failed.error.message,
                     )
                     if (
@@ -168,7 +173,8 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
                         state.gates.close(gate_key, gate_seconds(retry_after))
                     # A failed probe is not retried: the breaker has just learnt the upstream is
                     # still down, and the client's time is better spent on the next candidate.
-                    wait = None if permit.probe else _retry_wait(failed, policy, state)
+                    probe = permit.probe or model_permit.probe
+                    wait = None if probe else _retry_wait(failed, policy, state)
                     if (
                         wait is not None
                         and retries < policy.same_deployment_retries
@@ -191,6 +197,27 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
     raise _final_error(errors, open_waits, gate_waits)
 
 
+def _permits(provider: CircuitBreaker, model: CircuitBreaker) -> tuple[Permit, Permit] | None:
+    """Both breakers' permits, or None (and neither held) when either rejects."""
+    permit = provider.permit()
+    if permit is None:
+        return None
+    model_permit = model.permit()
+    if model_permit is None:
+        provider.release(permit)  # a probe slot of the provider must not be held for nothing
+        return None
+    return permit, model_permit
+
+
+def _open_wait(provider: CircuitBreaker, model: CircuitBreaker) -> float:
+    """Seconds until the candidate may be tried again: the later of its open breakers."""
+    waits = [b.retry_after_seconds() for b in (provider, model) if not b.can_permit()]
+    if any(w is None for w in waits):
+        # A forced-open breaker never reopens by itself: do not invite quick retries.
+        return FORCED_OPEN_RETRY_AFTER
+    return max([w for w in waits if w is not None], default=DEFAULT_RETRY_AFTER)
+
+
 def _too_small_after(errors: list[AttemptFailed], cand: Candidate) -> bool:
     """After a context-window error, only a candidate with a larger window can help."""
     if not errors or errors[-1].info is None or not errors[-1].info.context_window:
@@ -211,6 +238,10 @@ def _retry_wait(failed: AttemptFailed, policy: RetryPolicy, state: ProxyState) -
         # deployment, keeping the model the client asked for; otherwise fail over at once.
         if retry_after is not None and retry_after <= policy.max_retry_wait:
             return retry_after
+        return None
+    if failed.elapsed * 1000.0 > policy.quick_failure_ms:
+        # A slow failure is no quick transient: retrying it would hold the client as long
+        # again on a deployment that has just been slow (docs/breaker.md, 'Retries').
         return None
     if not failed.transient:
         return None  # timeouts and non-transient failures move on to the next candidate
@@ -258,10 +289,10 @@ async def _attempt(
     ex: Exchange,
     cand: Candidate,
     index: int,
-    breaker: CircuitBreaker,
-    permit: Permit,
+    permits: Permits,
     request_deadline: float,
 ) -> web.StreamResponse:
+    breaker, permit, model_breaker, model_permit = permits
     state = ex.state
     pool = state.upstream
     if pool is None:
@@ -279,14 +310,16 @@ async def _attempt(
             )
     except ProxyError as exc:
         # This candidate cannot express the request (e.g. n > 1 for Anthropic). Nothing was
-        # sent, so the breaker learns nothing; a candidate of another format may still serve.
+        # sent, so the breakers learn nothing; a candidate of another format may still serve.
         breaker.release(permit)
+        model_breaker.release(model_permit)
         raise AttemptFailed(exc, Outcome.FAILURE) from None
     except BaseException:
         breaker.release(permit)  # a bug in a translator must not hold a probe slot forever
+        model_breaker.release(model_permit)
         raise
     ex.attempts += 1
-    attempt = Attempt(cand, index, breaker, permit, time.monotonic())
+    attempt = Attempt(cand, index, breaker, permit, time.monotonic(), model_breaker, model_permit)
     # The coroutine holds the request from here; _send lets go of it once it is sent, so the
     # upstream body is not kept for the life of a stream.
     sending = _send(ex, attempt, pool, req, adapter, native, request_deadline)
@@ -296,11 +329,12 @@ async def _attempt(
     except AttemptFailed as failed:
         # Error text can quote the upstream (a stream error event, a bad header): no key in it.
         redact_error(failed.error, state.redactor)
+        failed.elapsed = time.monotonic() - attempt.started
         if failed.local:
             attempt.finish_local(ex)  # the proxy's own failure: the upstream is not to blame
             raise
         retry_after = failed.info.retry_after if failed.info else None
-        attempt.finish(ex, failed.outcome, retry_after)
+        attempt.finish(ex, failed.outcome, retry_after, provider_level=failed.provider_level)
         raise
     except asyncio.CancelledError:
         # The client went away (docs/breaker.md: ignored): a probe slot returns, nothing counts.
@@ -308,7 +342,7 @@ async def _attempt(
         raise
     except BaseException:
         # A bug in the proxy: the upstream is not to blame.
-        breaker.release(permit)
+        attempt.release()
         attempt.seconds(ex)
         raise
 
@@ -328,10 +362,17 @@ async def _send(
     sent = loop.time()
     # The request's total deadline (docs/breaker.md: the outermost layer) bounds every attempt.
     total_deadline = min(sent + timeouts.total, request_deadline)
+    # A stream waits for its first token as long as its deployment's history says is
+    # plenty (docs/breaker.md, 'Adaptive first-token deadline'), never past the configured one.
+    first_token = (
+        ex.state.first_token_deadline(cand.deployment, timeouts.first_token)
+        if ex.stream
+        else timeouts.first_token
+    )
     phase = _Phase.CONNECT
     progress = Progress(attempt.sent)
     try:
-        with ex.state.watchdog.guard(min(sent + timeouts.first_token, total_deadline)) as deadline:
+        with ex.state.watchdog.guard(min(sent + first_token, total_deadline)) as deadline:
             resp = await pool.request(
                 req.method,
                 req.url,
@@ -370,9 +411,16 @@ async def _send(
                             ),
                             info.outcome,
                             info,
+                            provider_level=True,
                         )
                     raise AttemptFailed(
-                        client_error(info), info.outcome, info, transient=info.transient
+                        client_error(info),
+                        info.outcome,
+                        info,
+                        transient=info.transient,
+                        # An account out of money fails every model of the provider alike.
+                        provider_level=info.outcome is Outcome.FAILURE
+                        and resp.status in QUOTA_STATUSES,
                     )
                 if not ex.stream:
                     attempt.first_token()
@@ -403,13 +451,16 @@ async def _send(
             doing = "at the total deadline"
         found = None
         if isinstance(exc, TimeoutError) and not progress.written:
-            found = _unsent(
-                progress, cand.deployment.key, sent + timeouts.first_token, total_deadline
-            )
+            found = _unsent(progress, cand.deployment.key, sent + first_token, total_deadline)
         if found is None:
             found = failure(exc, cand.deployment.key, doing=doing)
         raise AttemptFailed(
-            found.error, found.outcome, transient=found.transient, local=found.local
+            found.error,
+            found.outcome,
+            transient=found.transient,
+            local=found.local,
+            # Only before any reply head: a drop mid-body is the model's failure.
+            provider_level=found.transport and phase == _Phase.CONNECT,
         ) from None
 
 
@@ -559,4 +610,4 @@ def with_metadata(raw: bytes, obj: JSONDict, meta: JSONDict) -> bytes:
     return orjson.dumps({**obj, "circuit_breaker": meta})
 
 
-__all__ = ["AttemptFailed", "ClientGone", "Exchange", "serve"]
+__all__ = ["AttemptFailed", "ClientGone", "Exchange", "Permits", "serve"]

@@ -68,11 +68,24 @@ class BreakerView(Protocol):
         ...
 
 
+class DeploymentBreakerView(Protocol):
+    """The deployment breakers (docs/breaker.md, 'Keys'), read at scrape time."""
+
+    def deployment_gauges(self) -> Iterable[tuple[str, str, int, float, float]]:
+        """(upstream, model, state value, error rate or -1, p95 ms or -1) per deployment."""
+        ...
+
+
 class _BreakerCollector(Collector):
     """Reads breaker state lazily at scrape time (docs/breaker.md: no timers needed)."""
 
-    def __init__(self, source: Callable[[], BreakerView | None]) -> None:
+    def __init__(
+        self,
+        source: Callable[[], BreakerView | None],
+        deployments: Callable[[], DeploymentBreakerView | None],
+    ) -> None:
         self._source = source
+        self._deployments = deployments
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         state = GaugeMetricFamily(
@@ -103,7 +116,36 @@ class _BreakerCollector(Collector):
                 p95.add_metric([upstream], latency)
             for upstream, count in view.breaker_counters():
                 would_block.add_metric([upstream], count)
-        return [state, rate, p95, would_block]
+        # The deployment level: the upstream's label plus the model's, both from the rules.
+        d_state = GaugeMetricFamily(
+            "circuit_breaker_deployment_state",
+            "Breaker state per deployment (model on upstream): 0 closed, 1 half-open, 2 open.",
+            labels=["upstream", "model"],
+        )
+        d_rate = GaugeMetricFamily(
+            "circuit_breaker_deployment_error_rate",
+            "Failure ratio 0..1 of one deployment over its breaker window; -1 below "
+            "min_throughput.",
+            labels=["upstream", "model"],
+        )
+        d_p95 = GaugeMetricFamily(
+            "circuit_breaker_deployment_latency_p95",
+            "p95 time to first token of one deployment in milliseconds; -1 with no data.",
+            labels=["upstream", "model"],
+        )
+        deployments = self._deployments()
+        if deployments is not None:
+            for (
+                upstream,
+                model,
+                state_value,
+                error_rate,
+                latency,
+            ) in deployments.deployment_gauges():
+                d_state.add_metric([upstream, model], state_value)
+                d_rate.add_metric([upstream, model], error_rate)
+                d_p95.add_metric([upstream, model], latency)
+        return [state, rate, p95, would_block, d_state, d_rate, d_p95]
 
     def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return []
@@ -220,7 +262,8 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._breaker_view: BreakerView | None = None
-        r.register(_BreakerCollector(lambda: self._breaker_view))
+        self._deployment_view: DeploymentBreakerView | None = None
+        r.register(_BreakerCollector(lambda: self._breaker_view, lambda: self._deployment_view))
 
         self.requests = LeanCounter(
             "cb_proxy_requests_total",
@@ -270,6 +313,12 @@ class Metrics:
             "circuit_breaker_transitions_total",
             "Breaker state transitions.",
             ["upstream", "from_state", "to_state"],
+            registry=r,
+        )
+        self.deployment_transitions = Counter(
+            "circuit_breaker_deployment_transitions_total",
+            "Deployment breaker state transitions.",
+            ["upstream", "model", "from_state", "to_state"],
             registry=r,
         )
         self.fallbacks = LeanCounter(
@@ -323,8 +372,11 @@ class Metrics:
             registry=r,
         )
 
-    def bind_breakers(self, view: BreakerView) -> None:
+    def bind_breakers(
+        self, view: BreakerView, deployments: DeploymentBreakerView | None = None
+    ) -> None:
         self._breaker_view = view
+        self._deployment_view = deployments
 
     def init_series(
         self,
@@ -359,6 +411,8 @@ class Metrics:
         if len(deployments) > MODEL_SERIES_MAX or len(models) > MODEL_SERIES_MAX:
             return
         for provider, provider_type, model in deployments:
+            for source, target in transitions:
+                self.deployment_transitions.labels(provider, model, source, target)
             for outcome in UPSTREAM_OUTCOMES:
                 self.upstream_calls.labels(provider, provider_type, model, outcome)
             for kind in TOKEN_KINDS:

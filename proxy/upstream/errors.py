@@ -131,6 +131,9 @@ class Failure:
     error: ProxyError
     transient: bool = False  # quick and passing: worth one retry on the same deployment
     local: bool = False  # the proxy's own failure: never recorded on the breaker
+    # The path to the provider failed (no connection, no reply head): its provider breaker's
+    # failure, not the model's (docs/breaker.md, 'Keys').
+    transport: bool = False
 
 
 def local_failure(error: ProxyError) -> Failure:
@@ -154,7 +157,9 @@ def failure(exc: BaseException, upstream: str, *, doing: str = "") -> Failure:
         return local_failure(ProxyOverloaded(f"the proxy could not call {upstream}: {exc}"))
     if isinstance(exc, ConnectTimeout):
         return Failure(
-            Outcome.FAILURE, UpstreamTimeout(f"upstream {upstream} timed out connecting ({exc})")
+            Outcome.FAILURE,
+            UpstreamTimeout(f"upstream {upstream} timed out connecting ({exc})"),
+            transport=True,
         )
     if isinstance(exc, TimeoutError):
         return Failure(
@@ -168,7 +173,9 @@ def failure(exc: BaseException, upstream: str, *, doing: str = "") -> Failure:
         )  # fmt: skip
     if isinstance(exc, MalformedHead):
         return Failure(
-            Outcome.FAILURE, UpstreamError(f"upstream {upstream} sent a malformed reply: {exc}")
+            Outcome.FAILURE,
+            UpstreamError(f"upstream {upstream} sent a malformed reply: {exc}"),
+            transport=True,
         )
     if isinstance(exc, ConnectFailed | Disconnected):
         # Refused, reset or closed before any reply: quick and transient, worth one retry on
@@ -176,14 +183,18 @@ def failure(exc: BaseException, upstream: str, *, doing: str = "") -> Failure:
         # have read and worked on must not run (and be billed) twice there. It fails over.
         unsent = isinstance(exc, ConnectFailed) or not exc.request_written
         return Failure(
-            Outcome.FAILURE, UpstreamError(f"upstream {upstream} unreachable: {exc}"), unsent
+            Outcome.FAILURE,
+            UpstreamError(f"upstream {upstream} unreachable: {exc}"),
+            unsent,
+            transport=True,
         )
     if isinstance(exc, PayloadError):
         return Failure(Outcome.FAILURE, UpstreamError(f"upstream {upstream} failed: {exc}"))
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError):  # a socket error outside the client's own mapping
         return Failure(
             Outcome.FAILURE,
             UpstreamError(f"upstream {upstream} failed: {type(exc).__name__}: {exc}"),
+            transport=True,
         )
     raise TypeError(f"not an upstream failure: {type(exc).__name__}") from exc
 

@@ -756,7 +756,7 @@ ERROR_ROWS: list[tuple[str, Callable[[Doc], object], str]] = [
     (
         "route does nothing",
         _set("routes", [{"match": {"model": "x"}}]),
-        "routes[0]: a route needs 'rewrite', 'fallbacks' or 'continuation'",
+        "routes[0]: a route needs 'rewrite', 'fallbacks', 'continuation' or 'hedge_after_ms'",
     ),
     (
         "route match typo",

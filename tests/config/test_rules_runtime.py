@@ -274,9 +274,26 @@ def check(drawn: Drawn) -> RuleSet | None:
 
 
 def expected_breaker(state: ProxyState, provider: Provider) -> CircuitBreakerConfig:
-    """The defaults with the file's overrides; stalls are judged from its first-token timeout."""
+    """The provider's: the defaults with the file's overrides but no slow-call rule (slow
+    calls and stalls are the models', docs/breaker.md 'Keys')."""
+    return state.breaker_defaults.with_overrides(replace(provider.breaker, slow_call_ms=None))
+
+
+def expected_deployment_breaker(state: ProxyState, provider: Provider) -> CircuitBreakerConfig:
+    """A deployment's: the provider's overrides whole; stalls judged by its first-token timeout."""
     config = state.breaker_defaults.with_overrides(provider.breaker)
     return replace(config, first_token_seconds=provider.timeouts.first_token)
+
+
+def assert_breakers_follow(state: ProxyState, rules: RuleSet) -> None:
+    for name, provider in rules.providers.items():
+        config = state.breaker(name).config
+        assert config == expected_breaker(state, provider)
+        assert config.open_seconds <= config.max_open_seconds
+    for model in rules.models.values():
+        for dep in model.deployments:
+            config = state.deployment_breaker(dep).config
+            assert config == expected_deployment_breaker(state, rules.providers[dep.provider])
 
 
 def build_state(rules: RuleSet, env: dict[str, str], path: Path) -> ProxyState:
@@ -297,10 +314,7 @@ def test_every_accepted_file_builds_the_runtime_state(drawn: Drawn, env: dict[st
     if rules is None:
         return
     state = build_state(rules, env, Path("unused.yaml"))
-    for name, provider in rules.providers.items():
-        config = state.breaker(name).config
-        assert config == expected_breaker(state, provider)
-        assert config.open_seconds <= config.max_open_seconds
+    assert_breakers_follow(state, rules)
 
 
 # ----------------------------------------------------------------------------- (2) hot reload
@@ -396,7 +410,5 @@ def test_every_file_hot_reloads_or_is_rejected_by_a_running_proxy(
         assert results[-1] is True, "check accepted it, the running proxy refused it"
         assert state.rules.providers == rules.providers
         assert state.rules.models == rules.models
-        for name, provider in rules.providers.items():
-            config = state.breaker(name).config
-            assert config == expected_breaker(state, provider)
+        assert_breakers_follow(state, rules)
         assert error_count(proxy) == errors

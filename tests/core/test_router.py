@@ -134,6 +134,9 @@ class FakeView:
     def has_key(self, provider: Provider) -> bool:
         return provider.name not in self.no_key
 
+    def epoch(self) -> object:
+        return object()  # a test may change the facts between two plans: never reuse them
+
     def is_blocked(self, deployment: Deployment) -> bool:
         return deployment.provider in self.open
 

@@ -35,7 +35,7 @@ from openai.types.chat import ChatCompletionMessageParam
 import proxy.server.forward as forward
 from proxy.config.check import load_rules
 from proxy.config.settings import Settings
-from proxy.core.breaker import CircuitBreaker, Permit, State
+from proxy.core.breaker import State
 from proxy.core.candidates import Candidate
 from proxy.core.errors import UpstreamError
 from proxy.core.outcome import Outcome
@@ -535,14 +535,15 @@ class FakeAttempts:
         ex: forward.Exchange,
         cand: Candidate,
         index: int,
-        breaker: CircuitBreaker,
-        permit: Permit,
+        permits: forward.Permits,
         *_: object,
     ) -> web.StreamResponse:
         ex.attempts += 1
         calls = self.calls[ex.request_id] = self.calls.get(ex.request_id, 0) + 1
         if calls == 1:
-            breaker.record(permit, Outcome.FAILURE)
+            breaker, permit, model_breaker, model_permit = permits
+            breaker.record(permit, Outcome.SUCCESS)
+            model_breaker.record(model_permit, Outcome.FAILURE)
             raise forward.AttemptFailed(UpstreamError("reset"), Outcome.FAILURE, transient=True)
         retry = index == 0
         if retry:
