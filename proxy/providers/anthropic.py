@@ -475,6 +475,13 @@ class AnthropicStreamTranslator(SSEStreamTranslator):
                 self._stop_reason = reason
                 self._send_finish(out)
         elif kind == "message_stop":
+            if self._stop_reason is None:
+                # An end without a stop reason is a generation that died (docs/breaker.md,
+                # "Mid-stream continuation"): a cut stream, never a complete answer.
+                self._error = shapes.upstream_failure(
+                    "Anthropic stream ended without a stop_reason", code="upstream_stream_truncated"
+                )
+                return
             self._send_finish(out)
             self.finished = True
             self.usage = Usage(self._prompt, self._completion)

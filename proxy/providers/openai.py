@@ -39,6 +39,8 @@ CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"}
 EVENT_SEP = b"\n\n"
 DONE_EVENT = b"data: [DONE]"
 DONE_FRAME = b"data: [DONE]\n\n"
+# How a JSON data event ends: a batch with fewer of these than events holds something else.
+JSON_EVENT_END = b"}\n\n"
 # Markers that make an event worth parsing after the commit point.
 USAGE_MARK = b'"usage":{'
 USAGE_MARK_SPACED = b'"usage": {'
@@ -230,6 +232,49 @@ def _stream_error(obj: Mapping[str, Any]) -> StreamError:
     )
 
 
+def _truncated() -> StreamError:
+    return StreamError(
+        ErrorInfo(
+            outcome=Outcome.FAILURE,
+            status=502,
+            body=error_body(
+                502,
+                "upstream stream ended before it was complete",
+                code="upstream_stream_truncated",
+            ),
+        )
+    )
+
+
+def _malformed_event() -> StreamError:
+    return StreamError(
+        ErrorInfo(
+            outcome=Outcome.FAILURE,
+            status=502,
+            body=error_body(
+                502,
+                "upstream sent a stream event that is not JSON",
+                code="upstream_malformed_event",
+            ),
+        )
+    )
+
+
+def _unreadable(event: bytes) -> bool:
+    """A ``data:`` event whose data is neither ``[DONE]`` nor JSON (comments are fine)."""
+    data = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not data:
+        return False
+    joined = b"\n".join(data)
+    if joined == b"[DONE]":
+        return False
+    try:
+        orjson.loads(joined)
+    except orjson.JSONDecodeError:
+        return True
+    return False
+
+
 class OpenAIStreamRelay:
     """Watches an OpenAI-format SSE byte stream and says what to forward.
 
@@ -241,6 +286,7 @@ class OpenAIStreamRelay:
 
     __slots__ = (
         "_cr",
+        "_error",
         "_held",
         "_parts",
         "finished",
@@ -261,8 +307,13 @@ class OpenAIStreamRelay:
         self._parts: list[bytes] = []  # the unfinished event's pieces, joined once it ends
         self._cr = False  # the last read ended in CR (see feed)
         self.relayed_bytes = 0  # after the commit point; sizes a token estimate
+        # A failure found after content earlier in the same read: raised by the next call, so
+        # that content still reaches the client (a [DONE] without a finish reason, junk).
+        self._error: StreamError | None = None
 
     def feed(self, data: bytes) -> bytes:
+        if self._error is not None:
+            raise self._error
         if self._cr:
             # A CR ended the previous read: it may pair with an LF at the start of this one.
             data = b"\r" + data
@@ -357,6 +408,11 @@ class OpenAIStreamRelay:
                 break
             frame = event + EVENT_SEP
             if event.startswith(DONE_EVENT):
+                if not self.saw_finish:
+                    # An end without a finish reason is a cut stream (nothing shown yet: the
+                    # attempt fails and the request may fail over).
+                    self._error = _truncated()
+                    break
                 self.finished = True
                 out.append(frame)
                 continue
@@ -397,6 +453,8 @@ class OpenAIStreamRelay:
                 spans.append((start, end))
                 at = complete.find(mark, end)
         if not spans:
+            if complete.count(EVENT_SEP) != complete.count(JSON_EVENT_END):
+                return self._check_events(complete)
             return complete
         spans = sorted(set(spans))
         out: list[bytes] = []
@@ -408,6 +466,9 @@ class OpenAIStreamRelay:
             pos = end
             event = complete[start : end - 2]
             if event.startswith(DONE_EVENT):
+                if not self.saw_finish:
+                    self._error = _truncated()  # what came before it is still delivered
+                    break
                 self.finished = True
                 out.append(complete[start:end])
                 continue
@@ -419,8 +480,29 @@ class OpenAIStreamRelay:
                 if self.strip_usage and obj.get("choices") == [] and "usage" in obj:
                     continue
             out.append(complete[start:end])
-        out.append(complete[pos:])
+        else:
+            out.append(complete[pos:])
         return b"".join(out)
+
+    def _check_events(self, complete: bytes) -> bytes:
+        """A batch with an event that does not end in ``}``: is each of its ``data:`` JSON?
+
+        Reached only then (two ``count`` calls per batch decide it), so a healthy stream
+        is never parsed. The events before the first unreadable one are delivered; the
+        failure is raised by the next call.
+        """
+        pos = 0
+        while pos < len(complete):
+            sep = complete.find(EVENT_SEP, pos)
+            if sep < 0:
+                break  # a stray newline after the last separator
+            end = sep + 2
+            event = complete[pos:sep]
+            if not event.endswith(b"}") and _unreadable(event):
+                self._error = _malformed_event()
+                return complete[:pos]
+            pos = end
+        return complete
 
     def _note(self, obj: Mapping[str, Any]) -> None:
         usage = parse_usage(obj)
@@ -433,7 +515,13 @@ class OpenAIStreamRelay:
                     self.saw_finish = True
 
     def finish(self) -> bytes:
-        """At upstream EOF: remaining bytes; StreamError when the stream was cut short."""
+        """At upstream EOF: remaining bytes; StreamError when the stream was cut short.
+
+        Cut short: no ``[DONE]`` and no finish reason, or a ``[DONE]`` that came without
+        any finish reason (some servers end that way when their generation dies).
+        """
+        if self._error is not None:
+            raise self._error
         rest = b"".join(self._parts) + (b"\r" if self._cr else b"")
         self._parts = []
         self._cr = False
@@ -443,22 +531,14 @@ class OpenAIStreamRelay:
             rest = self.feed(rest + EVENT_SEP) if not rest.endswith(EVENT_SEP) else self.feed(rest)
         else:
             rest = b""
+        if self._error is not None:
+            raise self._error  # the unterminated last event was a bare [DONE] or junk
         if self.finished:
             return rest
         if self.saw_finish:
             # The answer is complete; some servers omit [DONE]: the SDKs expect it.
             return rest + DONE_FRAME
-        raise StreamError(
-            ErrorInfo(
-                outcome=Outcome.FAILURE,
-                status=502,
-                body=error_body(
-                    502,
-                    "upstream stream ended before it was complete",
-                    code="upstream_stream_truncated",
-                ),
-            )
-        )
+        raise _truncated()
 
     @property
     def held(self) -> bool:

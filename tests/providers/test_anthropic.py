@@ -1025,13 +1025,18 @@ def test_trailing_message_stop_without_blank_line_still_finishes() -> None:
     assert decoded(run_stream([stream], False)) == text_expected(False)
 
 
-def test_stop_without_message_delta_still_sends_a_finish_reason() -> None:
-    stream = START + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-    assert decoded(run_stream([stream], False)) == [
-        chunk({"role": "assistant", "content": ""}, msg_id=TEXT_ID, usage=False),
-        chunk({}, "stop", msg_id=TEXT_ID, usage=False),
-        "[DONE]",
-    ]
+def test_stop_without_a_stop_reason_is_a_truncated_stream() -> None:
+    """message_stop with no stop_reason before it: the generation died, not a complete answer."""
+    delta = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    delta += b'"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+    stream = START + delta + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    translator = ADAPTER.stream_translator(Endpoint.CHAT, DEPLOYMENT, CLIENT_MODEL, False)
+    payloads = translator.feed(stream)  # the text before the end is still delivered
+    assert [orjson.loads(p)["choices"][0]["delta"].get("content") for p in payloads] == ["", "Hi"]
+    with pytest.raises(StreamError) as info:
+        translator.finish()
+    assert info.value.info.body["error"]["code"] == "upstream_stream_truncated"
+    assert not translator.finished
 
 
 def test_a_tool_that_is_not_an_object_is_a_400_naming_it() -> None:

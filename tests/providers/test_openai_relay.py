@@ -221,3 +221,54 @@ def test_one_scan_before_commit_agrees_with_event_by_event(
     fast = _batch_outcome(OpenAIStreamRelay(strip_usage=strip), whole, one_scan=True)
     slow = _batch_outcome(OpenAIStreamRelay(strip_usage=strip), whole, one_scan=False)
     assert fast == slow
+
+
+def _content(text: str, finish: str | None = None) -> bytes:
+    obj = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def test_done_without_a_finish_reason_is_truncated_after_the_content() -> None:
+    relay = OpenAIStreamRelay(strip_usage=True)
+    out = relay.feed(_content("Hello") + _content(" world") + b"data: [DONE]\n\n")
+    assert out == _content("Hello") + _content(" world")  # delivered, the bare end is not
+    with pytest.raises(StreamError) as info:
+        relay.finish()
+    assert info.value.info.body["error"]["code"] == "upstream_stream_truncated"
+
+
+def test_done_without_a_finish_reason_before_any_content_fails_the_attempt() -> None:
+    relay = OpenAIStreamRelay(strip_usage=True)
+    assert relay.feed(b"data: [DONE]\n\n") == b""
+    assert not relay.has_content
+    with pytest.raises(StreamError):
+        relay.finish()
+
+
+def test_done_after_a_finish_reason_is_complete() -> None:
+    relay = OpenAIStreamRelay(strip_usage=True)
+    data = _content("Hi") + _content("", "stop") + b"data: [DONE]\n\n"
+    assert relay.feed(data) == data
+    assert relay.finish() == b""
+
+
+def test_a_malformed_event_after_the_commit_point_fails_after_what_came_before() -> None:
+    relay = OpenAIStreamRelay(strip_usage=True)
+    assert relay.feed(_content("Hi")) == _content("Hi")
+    out = relay.feed(_content(" there") + b'data: {"id":"c","choices":[{"del\n\n')
+    assert out == _content(" there")
+    with pytest.raises(StreamError) as info:
+        relay.feed(_content("more"))
+    assert info.value.info.body["error"]["code"] == "upstream_malformed_event"
+
+
+def test_comments_after_the_commit_point_are_not_malformed() -> None:
+    relay = OpenAIStreamRelay(strip_usage=True)
+    relay.feed(_content("Hi"))
+    assert relay.feed(b": keep-alive\n\n" + _content("!")) == b": keep-alive\n\n" + _content("!")
