@@ -158,15 +158,20 @@ def content_of(payloads: list[str]) -> str:
     return "".join(pieces)
 
 
-async def trip(r: Rig, breaker: str, *, within: int = 5) -> None:
-    """Send requests (the upstream is failing) until ``breaker`` is open; bounded."""
+async def trip(r: Rig, provider: str, *, within: int = 5) -> None:
+    """Send requests (the upstream answers 5xx) until MODEL@``provider`` is open; bounded.
+
+    A 5xx is the model's failure: its deployment breaker opens, never the provider's.
+    """
+    breaker = r.proxy.model_breaker(provider, MODEL)
     for _ in range(within):
-        if r.proxy.state.breaker(breaker).state is State.OPEN:
-            return
+        if breaker.state is State.OPEN:
+            break
         # When every upstream fails, the failures are the point.
         with contextlib.suppress(openai.APIStatusError):
             await r.sdk.chat.completions.create(model=MODEL, messages=CHAT)
-    assert r.proxy.state.breaker(breaker).state is State.OPEN
+    assert breaker.state is State.OPEN
+    assert r.proxy.state.breaker(provider).state is State.CLOSED  # the transport answered
 
 
 async def settle(r: Rig, done: Callable[[], bool]) -> None:
@@ -195,6 +200,7 @@ async def test_open_primary_gets_no_requests_and_the_backup_serves(tmp_path: Pat
             assert headers["x-cb-fallback"] == "true"
             assert headers["x-cb-attempts"] == "1"  # the open primary cost no attempt
             assert headers["x-cb-breaker-state"] == "closed"  # the serving upstream's
+            assert headers["x-cb-deployment-breaker-state"] == "closed"  # and its deployment's
             meta = body["circuit_breaker"]
             assert meta["fallback_used"] is True
             assert meta["attempts"] == 1
@@ -213,10 +219,19 @@ async def test_open_primary_gets_no_requests_and_the_backup_serves(tmp_path: Pat
     assert delta("cb_proxy_fallbacks_total", primary="primary", served_by="backup") == served, (
         "cb_proxy_fallbacks_total never moves (see the report)"
     )
-    transitions = "circuit_breaker_transitions_total"
-    assert after.total(transitions, upstream="primary", from_state="closed", to_state="open") == 1
+    transitions = "circuit_breaker_deployment_transitions_total"
+    assert (
+        after.total(
+            transitions, upstream="primary", model=MODEL, from_state="closed", to_state="open"
+        )
+        == 1
+    )
     assert after.total(transitions) == 1
-    assert after.total("circuit_breaker_state", upstream="primary") == 2
+    assert after.total("circuit_breaker_transitions_total") == 0  # no provider breaker moved
+    deployment_state = "circuit_breaker_deployment_state"
+    assert after.total(deployment_state, upstream="primary", model=MODEL) == 2
+    assert after.total(deployment_state, upstream="backup", model=MODEL) == 0
+    assert after.total("circuit_breaker_state", upstream="primary") == 0
     assert after.total("circuit_breaker_state", upstream="backup") == 0
 
 
@@ -261,7 +276,7 @@ async def test_all_breakers_open_gives_503_with_the_soonest_half_open_time(tmp_p
         await trip(r, "primary")
         before_backup_trip = time.monotonic()
         await trip(r, "backup")
-        breakers = [r.proxy.state.breaker(n) for n in ("primary", "backup")]
+        breakers = [r.proxy.model_breaker(n, MODEL) for n in ("primary", "backup")]
         assert [b.state for b in breakers] == [State.OPEN, State.OPEN]
         sent = (r.primary.stats()["requests"], r.backup.stats()["requests"])
         soonest = min(b.retry_at() for b in breakers)
@@ -566,11 +581,16 @@ async def test_monitor_only_passes_everything_and_counts_would_block(tmp_path: P
         # Never blocked: each request tried the primary and retried it once.
         assert r.primary.stats()["requests"] == 2 * requests
         scrape = await r.scrape()
-    assert scrape.total("circuit_breaker_state", upstream="primary") == 2  # the shadow opened
+        deployment = r.proxy.model_breaker("primary", MODEL).get_metrics()
+    # The model's shadow breaker opened (a 503 is the model's failure), not the provider's.
+    deployment_state = "circuit_breaker_deployment_state"
+    assert scrape.total(deployment_state, upstream="primary", model=MODEL) == 2
+    assert scrape.total("circuit_breaker_state", upstream="primary") == 0
     # The shadow opened on the 3rd failure (the 2nd request's first attempt); every later
     # attempt would have been blocked: the 2nd request's retry, then 2 per request.
     would_block = 1 + 2 * (requests - 2)
-    assert scrape.total("circuit_breaker_would_block_total", upstream="primary") == would_block
+    assert deployment["would_block"] == would_block
+    assert scrape.total("circuit_breaker_would_block_total", upstream="primary") == 0
     assert scrape.total("circuit_breaker_would_block_total", upstream="backup") == 0
     assert scrape.total("cb_proxy_rejections_total") == 0
 
@@ -597,9 +617,13 @@ async def test_fifty_simultaneous_failures_open_the_breaker_exactly_once(tmp_pat
         assert clients <= len(raw.requests) <= clients + THRESHOLD - 1
         scrape = await r.scrape()
     assert all(headers["x-cb-provider"] == "backup" for headers, _ in responses)
-    transitions = "circuit_breaker_transitions_total"
-    assert scrape.total(transitions, upstream="primary", from_state="closed", to_state="open") == 1
+    transitions = "circuit_breaker_deployment_transitions_total"
+    opened = scrape.total(
+        transitions, upstream="primary", model=MODEL, from_state="closed", to_state="open"
+    )
+    assert opened == 1
     assert scrape.total(transitions) == 1
+    assert scrape.total("circuit_breaker_transitions_total") == 0  # the transport answered
     assert scrape.total("cb_proxy_upstream_calls_total", upstream="primary", outcome="failure") == (
         len(raw.requests)
     )

@@ -106,7 +106,7 @@ class Outage:
         """``requests`` sequential requests paced at TRAFFIC_RPS (fewer once closed, if asked)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        breaker = self.proxy.state.breaker("primary")
+        breaker = self.proxy.model_breaker("primary", MODEL)
         for i in range(requests):
             # The traffic's pace, not a wait for a condition: steady load is the test's input.
             await asyncio.sleep(max(0.0, start + i / TRAFFIC_RPS - loop.time()))
@@ -141,7 +141,8 @@ async def outage_rig(tmp_path: Path) -> AsyncIterator[Outage]:
             AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0) as sdk,
         ):
             transitions: list[Transition] = []
-            registry = proxy.state.breakers
+            # A 503 is the model's failure: MODEL@primary's deployment breaker moves.
+            registry = proxy.state.deployment_breakers
             forward = registry.on_transition
 
             def spy(name: str, source: State, target: State) -> None:
@@ -165,9 +166,12 @@ async def test_primary_outage_under_steady_traffic(tmp_path: Path) -> None:
         outage_requests = o.primary.stats()["requests"]
         o.primary.clear_faults()
         await o.traffic(MAX_RECOVERY_REQUESTS, outage=False, until_closed=True)
-        assert o.proxy.state.breaker("primary").state is State.CLOSED, "never recovered"
+        assert o.proxy.model_breaker("primary", MODEL).state is State.CLOSED, "never recovered"
         await o.traffic(AFTER_CLOSE_REQUESTS, outage=False)
-        assert o.proxy.state.breaker("primary").state is State.CLOSED
+        assert o.proxy.model_breaker("primary", MODEL).state is State.CLOSED
+        # The provider's transport answered throughout: its breaker never counted a failure.
+        provider = o.proxy.state.breaker("primary").get_metrics()
+        assert (provider["state"], provider["reports"]["failure"]) == ("closed", 0)
         scrape = Scrape(await o.proxy.metrics_text())
         total_primary = o.primary.stats()["requests"]
 
@@ -178,7 +182,7 @@ async def test_primary_outage_under_steady_traffic(tmp_path: Path) -> None:
 
     # The transitions form one path: closed -> open, then rounds of
     # open -> half_open -> (open | closed), ending closed; only the primary moves.
-    assert {t.upstream for t in o.transitions} == {"primary"}
+    assert {t.upstream for t in o.transitions} == {f"{MODEL}@primary"}
     path = [(t.source, t.target) for t in o.transitions]
     assert path[0] == ("closed", "open")
     assert path[-1] == ("half_open", "closed")
@@ -211,6 +215,11 @@ async def test_primary_outage_under_steady_traffic(tmp_path: Path) -> None:
 
     # /metrics agrees with what happened, and shows nothing else.
     transitions = scrape.counts(
-        "circuit_breaker_transitions_total", "upstream", "from_state", "to_state"
+        "circuit_breaker_deployment_transitions_total",
+        "upstream",
+        "model",
+        "from_state",
+        "to_state",
     )
-    assert transitions == Counter(("primary", source, target) for source, target in path)
+    assert transitions == Counter(("primary", MODEL, source, target) for source, target in path)
+    assert scrape.total("circuit_breaker_transitions_total") == 0  # no provider breaker moved

@@ -34,6 +34,15 @@ from tests.harness import ProxyHandle, running_proxy, write_rules
 
 API = "/api/circuit-breaker"
 NAMES = ["backup", "nokey", "primary"]
+# The conftest rules' deployments: one breaker per model@provider (docs/breaker.md, 'Keys').
+DEPLOYMENTS = [
+    "backup-only@backup",
+    "gpt-4o-mini@backup",
+    "gpt-4o-mini@primary",
+    "locked@nokey",
+    "solo@primary",
+    "text-embedding-3-small@primary",
+]
 TOKEN = "admin-token-for-tests"
 CHAT_PATH = "/v1/chat/completions"
 
@@ -73,6 +82,19 @@ def transitions(state: ProxyState, name: str, source: State, target: State) -> f
     return value or 0.0
 
 
+def deployment_transitions(
+    state: ProxyState, upstream: str, model: str, source: State, target: State
+) -> float:
+    labels = {
+        "upstream": upstream,
+        "model": model,
+        "from_state": source.value,
+        "to_state": target.value,
+    }
+    metric = "circuit_breaker_deployment_transitions_total"
+    return state.metrics.registry.get_sample_value(metric, labels) or 0.0
+
+
 @pytest.fixture(params=["api", "metrics"])
 def url(request: pytest.FixtureRequest, stack: Stack) -> str:
     """Each test runs against both listeners."""
@@ -85,7 +107,11 @@ def url(request: pytest.FixtureRequest, stack: Stack) -> str:
 async def test_status_lists_every_breaker_compactly(stack: Stack, url: str) -> None:
     status, body = await call(url, "GET", f"{API}/status")
     assert status == 200
-    assert body == {"breakers": {n: {"state": "closed", "mode": "enforce"} for n in NAMES}}
+    closed = {"state": "closed", "mode": "enforce"}
+    assert body == {
+        "breakers": dict.fromkeys(NAMES, closed),
+        "deployments": dict.fromkeys(DEPLOYMENTS, closed),
+    }
 
 
 async def test_metrics_returns_each_breakers_metrics(stack: Stack, url: str) -> None:
@@ -196,27 +222,33 @@ async def test_disabled_permits_everything_and_records_nothing(stack: Stack, url
 
 async def test_reset_closes_with_a_fresh_window(stack: Stack, url: str) -> None:
     state = stack.proxy.state
+    solo = stack.proxy.model_breaker("primary", "solo")
+    labels = {"upstream": "primary", "model": "solo"}
     await stack.primary.set_fault(kind="status", status=500, path=CHAT_PATH)
     for _ in range(2):  # two attempts each: four failures open the breaker (threshold 3)
         await chat(stack.proxy, "solo")
-    assert state.breaker("primary").state is State.OPEN
-    assert await scrape(stack.proxy, "circuit_breaker_state", {"upstream": "primary"}) == 2
+    # A 500 is the model's failure: its deployment opens, the provider's transport answered.
+    assert solo.state is State.OPEN
+    assert state.breaker("primary").state is State.CLOSED
+    assert await scrape(stack.proxy, "circuit_breaker_deployment_state", labels) == 2
+    assert await scrape(stack.proxy, "circuit_breaker_state", {"upstream": "primary"}) == 0
     stack.primary.clear_faults()
 
-    status, body = await call(url, "POST", f"{API}/reset/primary")
+    status, body = await call(url, "POST", f"{API}/reset/solo@primary")
     assert status == 200
     breaker = body["breaker"]
     assert (breaker["state"], breaker["calls"], breaker["failures"]) == ("closed", 0, 0)
     assert (breaker["opens"], breaker["consecutive_failures"]) == (0, 0)
-    assert transitions(state, "primary", State.OPEN, State.CLOSED) == 1
-    assert await scrape(stack.proxy, "circuit_breaker_state", {"upstream": "primary"}) == 0
+    assert solo.get_metrics()["state"] == "closed"
+    assert deployment_transitions(state, "primary", "solo", State.OPEN, State.CLOSED) == 1
+    assert await scrape(stack.proxy, "circuit_breaker_deployment_state", labels) == 0
     assert await chat(stack.proxy, "solo") == 200
 
     # Resetting a closed breaker is allowed and emits no transition.
-    status, body = await call(url, "POST", f"{API}/reset/primary")
+    status, body = await call(url, "POST", f"{API}/reset/solo@primary")
     assert (status, body["breaker"]["state"], body["breaker"]["calls"]) == (200, "closed", 0)
-    assert transitions(state, "primary", State.OPEN, State.CLOSED) == 1
-    assert transitions(state, "primary", State.CLOSED, State.CLOSED) == 0
+    assert deployment_transitions(state, "primary", "solo", State.OPEN, State.CLOSED) == 1
+    assert deployment_transitions(state, "primary", "solo", State.CLOSED, State.CLOSED) == 0
 
 
 async def test_monitor_and_enforce_change_the_mode_and_reset_keeps_it(

@@ -116,6 +116,12 @@ def reports(proxy: ProxyHandle, provider: str) -> dict[str, int]:
     return result
 
 
+def model_reports(proxy: ProxyHandle, provider: str, model: str) -> dict[str, int]:
+    """The reports of ``model@provider``'s deployment breaker (docs/breaker.md, 'Keys')."""
+    result: dict[str, int] = proxy.model_breaker(provider, model).get_metrics()["reports"]
+    return result
+
+
 # -- 1. provider keys from the environment ---------------------------------------------------
 
 
@@ -346,8 +352,11 @@ async def test_a_malformed_reply_before_commit_fails_over_and_counts_as_a_failur
         assert headers["x-cb-attempts"] == "2"
         assert text  # the backup's whole answer
         assert len(primary.requests) == 1
-        assert reports(r.proxy, "primary")["failure"] == 1
-        assert reports(r.proxy, "primary")["success"] == 0
+        # A malformed body is the model's failure; the provider's transport answered.
+        assert model_reports(r.proxy, "primary", "pair")["failure"] == 1
+        assert model_reports(r.proxy, "primary", "pair")["success"] == 0
+        assert reports(r.proxy, "primary")["failure"] == 0
+        assert reports(r.proxy, "primary")["success"] == 1
 
 
 @pytest.mark.parametrize(
@@ -540,8 +549,8 @@ class FakeAttempts:
     ) -> web.StreamResponse:
         ex.attempts += 1
         calls = self.calls[ex.request_id] = self.calls.get(ex.request_id, 0) + 1
+        breaker, permit, model_breaker, model_permit = permits
         if calls == 1:
-            breaker, permit, model_breaker, model_permit = permits
             breaker.record(permit, Outcome.SUCCESS)
             model_breaker.record(model_permit, Outcome.FAILURE)
             raise forward.AttemptFailed(UpstreamError("reset"), Outcome.FAILURE, transient=True)
@@ -558,6 +567,7 @@ class FakeAttempts:
             if retry:
                 self.running_retries -= 1
         breaker.record(permit, Outcome.SUCCESS)
+        model_breaker.record(model_permit, Outcome.SUCCESS)
         return web.Response(status=200)
 
     async def wait_parked(self, n: int) -> None:
@@ -650,15 +660,22 @@ async def test_a_redirect_fails_over_and_opens_the_breaker_when_repeated(
             ) as resp:
                 solo_status = resp.status
                 solo_body = await resp.json()
-        breaker = r.proxy.state.breaker("primary")
-        assert breaker.state is State.OPEN
-        # A redirect is not retried, and once open the primary is not contacted at all.
-        assert len(primary.requests) == THRESHOLD
-        assert reports(r.proxy, "primary")["failure"] == THRESHOLD
+        # A redirect is the model's failure (the provider answered): pair@primary opens, the
+        # primary's provider breaker counts each reply as a success and stays closed.
+        assert r.proxy.model_breaker("primary", "pair").state is State.OPEN
+        assert r.proxy.state.breaker("primary").state is State.CLOSED
+        # A redirect is not retried, and once open the deployment is not contacted at all.
+        assert len(primary.requests) == THRESHOLD + 1  # the pair requests, then solo's one
+        assert model_reports(r.proxy, "primary", "pair")["failure"] == THRESHOLD
+        assert model_reports(r.proxy, "primary", "solo")["failure"] == 1
+        assert r.proxy.model_breaker("primary", "solo").state is State.CLOSED
+        assert reports(r.proxy, "primary")["failure"] == 0
+        assert reports(r.proxy, "primary")["success"] == THRESHOLD + 1
         assert r.backup.stats()["requests"] == requests
-    # Alone, the primary's open breaker answers: never a bare 3xx relayed as a caller fault.
-    assert solo_status == 503
-    assert solo_body["error"]["code"] == "circuit_open"
+    # Alone, solo's own deployment (still closed: one model's outage never blocks the
+    # provider's others) answers an upstream error: never a bare 3xx relayed as a caller fault.
+    assert solo_status == 502
+    assert "redirect" in solo_body["error"]["message"]
 
 
 async def test_a_lone_redirecting_upstream_is_an_upstream_error(tmp_path: Path) -> None:
@@ -668,8 +685,9 @@ async def test_a_lone_redirecting_upstream_is_an_upstream_error(tmp_path: Path) 
     async with RawStreamServer(moved) as primary, rig(tmp_path, primary.url) as r:
         with pytest.raises(openai.APIStatusError) as caught:
             await r.sdk.chat.completions.create(model="solo", messages=CHAT)
-        assert reports(r.proxy, "primary")["failure"] == 1
-        assert reports(r.proxy, "primary")["ignored"] == 0
+        assert model_reports(r.proxy, "primary", "solo")["failure"] == 1
+        assert model_reports(r.proxy, "primary", "solo")["ignored"] == 0
+        assert reports(r.proxy, "primary")["failure"] == 0  # the transport answered
     assert caught.value.status_code == 502
     assert "redirect" in caught.value.response.json()["error"]["message"]
 

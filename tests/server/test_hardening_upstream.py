@@ -94,6 +94,18 @@ def reports(proxy: ProxyHandle, provider: str) -> dict[str, int]:
     return result
 
 
+def model_reports(proxy: ProxyHandle, provider: str) -> dict[str, int]:
+    """solo@provider's reports (BODY's model): a reply's own failures count there."""
+    result: dict[str, int] = proxy.model_breaker(provider, "solo").get_metrics()["reports"]
+    return result
+
+
+def assert_a_model_failure(proxy: ProxyHandle, provider: str) -> None:
+    """The provider answered: a failure of the model's deployment, a success of its transport."""
+    assert model_reports(proxy, provider)["failure"] == 1
+    assert reports(proxy, provider)["failure"] == 0
+
+
 # -- strict framing -----------------------------------------------------------------------------
 
 
@@ -141,7 +153,7 @@ async def test_a_bad_chunk_size_is_a_502(tmp_path: Path) -> None:
         status, raw = await post(r.proxy, BODY)
         assert status == 502
         assert "chunk size" in error_of(raw)["message"]
-        assert reports(r.proxy, "primary")["failure"] == 1
+        assert_a_model_failure(r.proxy, "primary")
 
 
 # -- bounded buffers ----------------------------------------------------------------------------
@@ -158,7 +170,7 @@ async def test_an_oversized_response_head_is_a_502(tmp_path: Path) -> None:
         error = error_of(raw)
         assert error["code"] == "upstream_response_too_large"
         assert "32768" in error["message"]
-        assert reports(r.proxy, "primary")["failure"] == 1
+        assert_a_model_failure(r.proxy, "primary")
 
 
 async def test_a_plain_body_over_the_limit_is_a_502_and_is_not_read_whole(tmp_path: Path) -> None:
@@ -170,7 +182,7 @@ async def test_a_plain_body_over_the_limit_is_a_502_and_is_not_read_whole(tmp_pa
         status, raw = await post(r.proxy, BODY)
         assert status == 502
         assert error_of(raw)["code"] == "upstream_response_too_large"
-        assert reports(r.proxy, "primary")["failure"] == 1
+        assert_a_model_failure(r.proxy, "primary")
     assert up.bytes_written < TAKEN_BOUND  # the proxy hung up; 64 MiB were never taken
 
 
@@ -199,7 +211,7 @@ async def test_an_sse_event_over_the_limit_before_content_is_a_502(tmp_path: Pat
         error = error_of(raw)
         assert error["code"] == "upstream_response_too_large"
         assert "server-sent event" in error["message"]
-        assert reports(r.proxy, "primary")["failure"] == 1
+        assert_a_model_failure(r.proxy, "primary")
     assert up.bytes_written < TAKEN_BOUND
 
 
@@ -220,7 +232,7 @@ async def test_endless_preamble_before_the_first_content_is_bounded_and_a_502(
         error = error_of(raw)
         assert error["code"] == "upstream_response_too_large"
         assert "before its first content event" in error["message"]
-        assert reports(r.proxy, "primary")["failure"] == 1
+        assert_a_model_failure(r.proxy, "primary")
     assert up.bytes_written < TAKEN_BOUND
 
 
@@ -238,7 +250,7 @@ async def test_an_sse_event_over_the_limit_after_content_is_an_in_band_error(
         assert events[0] == CONTENT.rstrip(b"\n")
         last = orjson.loads(events[-1].removeprefix(b"data: "))
         assert last["error"]["code"] == "upstream_response_too_large"
-        assert reports(r.proxy, "primary")["failure"] == 1
+        assert_a_model_failure(r.proxy, "primary")
     assert up.bytes_written < TAKEN_BOUND
 
 

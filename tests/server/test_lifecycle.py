@@ -234,7 +234,9 @@ async def test_demo_runs_its_tour_and_exits(tmp_path: Path) -> None:
     assert proc.returncode == 0, text
     for step in ("1. A plain chat completion", "4. Claude and Gemini", "6. Outage"):
         assert step in text
-    assert "breaker mock-openai: closed -> open" in text
+    # A 503 outage is the model's: its deployment breaker opens, not the provider's.
+    assert "deployment breaker gpt-4o-mini@mock-openai: closed -> open" in text
+    assert "\nbreaker mock-openai: closed -> open" not in text
     assert "the primary serves again" in text
     assert orjson.dumps(text)  # printable
 

@@ -329,7 +329,8 @@ async def test_a_stalled_upstream_opens_after_threshold_stuck_requests(tmp_path:
         session() as client,
     ):
         clock = SteppedClock()
-        r.proxy.state.breakers.use_clock(clock)
+        # Stalls are the model's failure: its deployment breaker judges them (docs/breaker.md).
+        r.proxy.state.deployment_breakers.use_clock(clock)
         await r.primary.set_fault(kind="stall")
         started = time.monotonic()
         stuck = [asyncio.create_task(post(client, r.proxy, PAIR)) for _ in range(threshold)]
@@ -343,15 +344,19 @@ async def test_a_stalled_upstream_opens_after_threshold_stuck_requests(tmp_path:
         assert fourth.seconds < FAST  # at once: not after the first-token timeout
         assert time.monotonic() - started < first_token  # before any stuck one timed out
         assert r.primary.stats()["requests"] == threshold  # it never reached the primary
-        assert r.proxy.state.breaker("primary").state is State.OPEN
+        assert r.proxy.model_breaker("primary", "pair").state is State.OPEN
+        assert r.proxy.state.breaker("primary").state is State.CLOSED  # no stall rule there
         # The stuck ones fail over at their own deadline, and count nothing more.
         for answer in await asyncio.gather(*stuck):
             assert answer.status == 200
             assert answer.provider == "backup"
             assert answer.seconds >= first_token - 0.1
         scrape = await r.scrape()
-        transitions = scrape.counts("circuit_breaker_transitions_total", "upstream", "to_state")
-        assert {key: n for key, n in transitions.items() if n} == {("primary", "open"): 1}
+        transitions = scrape.counts(
+            "circuit_breaker_deployment_transitions_total", "upstream", "model", "to_state"
+        )
+        assert {key: n for key, n in transitions.items() if n} == {("primary", "pair", "open"): 1}
+        assert scrape.total("circuit_breaker_transitions_total") == 0
         assert (
             scrape.total("cb_proxy_rejections_total", upstream="primary", reason="breaker_open")
             == 1
@@ -372,7 +377,7 @@ async def test_waiting_for_a_pooled_connection_never_ages_into_a_stall(tmp_path:
         session() as client,
     ):
         clock = SteppedClock()
-        r.proxy.state.breakers.use_clock(clock)
+        r.proxy.state.deployment_breakers.use_clock(clock)
         await r.primary.set_fault(kind="stall")
         holder = asyncio.create_task(post(client, r.proxy, SOLO))  # takes the only connection
         await r.primary.wait_in_flight(1)
@@ -394,9 +399,10 @@ async def test_waiting_for_a_pooled_connection_never_ages_into_a_stall(tmp_path:
         origin = ("http", "127.0.0.1", int(r.primary.url.rsplit(":", 1)[1]))
         assert pool.waiting(origin) == 4
         clock.step(STALL_FRACTION * first_token * 4)  # everything aged far past the threshold
-        breaker = r.proxy.state.breaker("primary")
+        breaker = r.proxy.model_breaker("primary", "solo")  # stalls count per deployment
         assert breaker.state is State.CLOSED
         assert breaker.get_metrics()["stalled"] == 1  # only the request that was sent
+        assert r.proxy.state.breaker("primary").get_metrics()["stalled"] == 0
         r.primary.clear_faults()
         answers = await asyncio.gather(holder, *queued)
         assert [a.status for a in answers] == [200] * 5
