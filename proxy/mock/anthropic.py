@@ -33,6 +33,7 @@ from proxy.mock.common import (
     Route,
     StreamReply,
     ToolCall,
+    continued_pieces,
     count_words,
     dumps,
     fragments,
@@ -144,6 +145,9 @@ class AnthropicFormat(MockFormat):
         )
         return self.error(400, message)
 
+    def bare_end(self) -> bytes:
+        return _sse("message_stop", {"type": "message_stop"})
+
     def in_band_error(self) -> bytes:
         return _sse(
             "error",
@@ -207,11 +211,16 @@ class AnthropicFormat(MockFormat):
         except UnsupportedSchema as exc:
             return self.error(400, f"tools: the mock cannot honour this input_schema: {exc}")
         words, cut = truncate(reply_words(prompt, self.options.words), body["max_tokens"])
+        pieces = stream_pieces(words)
         if calls:
             words, stop = TOOL_PREAMBLE.split(), "tool_use"
+            pieces = stream_pieces(words)
         else:
             stop = "max_tokens" if cut else "end_turn"
-        output_tokens = len(words) + sum(count_words(c.arguments_json) for c in calls)
+            if last["role"] == "assistant":
+                # A prefill: the answer goes on from after the assistant's text.
+                pieces = continued_pieces(words, _content_text(last["content"]))
+        output_tokens = len(pieces) + sum(count_words(c.arguments_json) for c in calls)
         usage = {
             "input_tokens": total_words - cached,
             "output_tokens": output_tokens,
@@ -230,7 +239,7 @@ class AnthropicFormat(MockFormat):
             "usage": usage,
         }
         headers = {"request-id": self._request_id()}
-        text_block = {"type": "text", "text": " ".join(words)}
+        text_block = {"type": "text", "text": "".join(pieces)}
         tool_blocks = [
             {"type": "tool_use", "id": c.call_id, "name": c.name, "input": c.arguments}
             for c in calls
@@ -238,7 +247,7 @@ class AnthropicFormat(MockFormat):
         if not self.wants_stream(req):
             message.update(content=[text_block, *tool_blocks], stop_reason=stop)
             return JsonReply(200, message, headers)
-        return StreamReply(_stream_events(message, words, calls, stop), headers=headers)
+        return StreamReply(_stream_events(message, pieces, calls, stop), headers=headers)
 
     def _tool_calls(self, body: JSONDict, last: JSONDict, prompt: str) -> list[ToolCall]:
         """``tool_choice``: auto calls on a user turn, ``any``/``tool`` always, ``none`` never."""
@@ -267,14 +276,14 @@ class AnthropicFormat(MockFormat):
 
 
 def _stream_events(
-    message: JSONDict, words: list[str], calls: list[ToolCall], stop: str
+    message: JSONDict, pieces: list[str], calls: list[ToolCall], stop: str
 ) -> list[bytes]:
     """The Messages stream for a reply: text block 0, then one tool_use block per call."""
     start = {**message, "usage": {**message["usage"], "output_tokens": 1}}
     events = [_sse("message_start", {"type": "message_start", "message": start})]
     events.append(_block_start(0, {"type": "text", "text": ""}))
     events.append(_sse("ping", {"type": "ping"}))
-    events.extend(_block_delta(0, {"type": "text_delta", "text": p}) for p in stream_pieces(words))
+    events.extend(_block_delta(0, {"type": "text_delta", "text": p}) for p in pieces)
     events.append(_block_stop(0))
     for index, call in enumerate(calls, start=1):
         opening = {"type": "tool_use", "id": call.call_id, "name": call.name, "input": {}}

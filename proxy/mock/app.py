@@ -15,12 +15,16 @@ and takes faults at run time over a small JSON control API on the same port:
 
 Order of work for an API request: count it; wait ``latency_ms``; apply a
 before-reply fault (status, rate_limit, quota, stall, drop, slow_first_token);
-check the credential; build the reply; for a stream, apply an in-stream fault
-(stall_stream, cut_stream, error_event) after N events while pacing events at
+check the credential; refuse a prefill (``reject_prefill``, a 400 in the
+format's shape, only for a request ending with an assistant turn); build the
+reply; for a stream, apply an in-stream fault (stall_stream, cut_stream,
+error_event, malformed_event) after N events while pacing events at
 ``tokens_per_second``. Control endpoints are never counted nor faulted.
 
 A stall released by clearing the faults goes on as if nothing happened;
-``cut_stream`` and ``error_event`` never let the terminal marker through.
+``cut_stream``, ``error_event`` and ``malformed_event`` never let the terminal
+marker through (``cut_stream`` with ``end_marker`` sends the format's bare end
+event, without a finish reason, before it hangs up).
 
 A client that goes away is seen as a cancelled handler, which needs
 ``handler_cancellation=True`` on the runner: use ``start_mock_server``.
@@ -52,6 +56,7 @@ from proxy.mock.common import (
 from proxy.mock.faults import (
     BEFORE_REPLY,
     IN_STREAM,
+    ON_PREFILL,
     Fault,
     FaultBoard,
     FaultKind,
@@ -277,6 +282,12 @@ async def _respond(
                 await asyncio.sleep(fault.ms / 1000)
         else:
             return _json_response(_fault_reply(state.fmt, fault))
+    if state.fmt.is_prefill(req):
+        refused = state.faults.take(req.path, model, stream=stream, kinds=ON_PREFILL)
+        if refused is not None:
+            return _json_response(
+                state.fmt.error(400, "this model does not support assistant message prefill")
+            )
     reply = state.fmt.authorize(req) or handler(req)
     if isinstance(reply, JsonReply):
         return _json_response(reply)
@@ -337,7 +348,13 @@ async def _write_stream(
                 if fault.kind is FaultKind.STALL_STREAM:
                     await release.wait()
                 elif fault.kind is FaultKind.CUT_STREAM:
+                    if fault.end_marker and state.fmt.bare_end():
+                        await response.write(state.fmt.bare_end())
                     _hang_up(request, abort=False)
+                    return response
+                elif fault.kind is FaultKind.MALFORMED_EVENT:
+                    await response.write(state.fmt.malformed_event())
+                    await response.write_eof()
                     return response
                 else:
                     await response.write(state.fmt.in_band_error())

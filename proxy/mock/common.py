@@ -12,7 +12,12 @@ Conventions every format keeps:
 - the reply text is ``reply_text(last user text, words)``, cut to the request's
   output-token limit (then the stop reason is the format's "length");
 - a ``StreamReply`` lists pre-framed events; its last ``terminal`` events are
-  the end-of-stream marker, which ``cut_stream`` faults never send.
+  the end-of-stream marker, which ``cut_stream`` faults never send (with
+  ``end_marker`` they send the format's bare end instead: ``bare_end``);
+- a prefill (a request ending with an assistant turn: Anthropic always, OpenAI
+  with ``"prefix": true``, Gemini a final ``model`` turn) continues the same
+  answer from after that text (``continued_pieces``); the answer is still
+  chosen by the last user text, so asking again gives the same words.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import abc
 import base64
 import hashlib
 import math
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -148,6 +154,20 @@ class MockFormat(abc.ABC):
     def in_band_error(self) -> bytes:
         """An overload error as the format sends it inside a 200 stream."""
 
+    def bare_end(self) -> bytes:
+        """The format's end-of-stream event sent alone, without any finish reason."""
+        return b""
+
+    def malformed_event(self) -> bytes:
+        """An event whose data is cut-off JSON, as a dying upstream may send."""
+        return b'data: {"id": "cut-off", "choices": [{"delta": {"content": "x\n\n'
+
+    def is_prefill(self, req: MockRequest) -> bool:
+        """The request ends with an assistant turn (what ``reject_prefill`` refuses)."""
+        messages = req.body.get("messages") if isinstance(req.body, dict) else None
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        return isinstance(last, dict) and last.get("role") == "assistant"
+
     @abc.abstractmethod
     def authorize(self, req: MockRequest) -> JsonReply | None:
         """None when the credential is acceptable, else the format's auth error."""
@@ -187,6 +207,19 @@ def reply_text(prompt: str, words: int = DEFAULT_WORDS) -> str:
 def stream_pieces(words: Sequence[str]) -> list[str]:
     """Word-sized deltas whose concatenation is the reply text."""
     return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def continued_pieces(words: Sequence[str], prefill: str) -> list[str]:
+    """The deltas that continue the answer ``words`` after the assistant text ``prefill``.
+
+    When the answer begins with ``prefill`` (its trailing whitespace ignored), the rest of
+    it, split before each word (a leading space kept, as a model continuing would send it);
+    otherwise the whole answer, as a model ignoring the prefill would.
+    """
+    text = " ".join(words)
+    head = prefill.rstrip()
+    rest = text[len(head) :] if text.startswith(head) else text
+    return re.findall(r"\s*\S+", rest)
 
 
 def truncate(words: list[str], limit: Any) -> tuple[list[str], bool]:

@@ -4,6 +4,9 @@ Invariants:
 - Faults are taken in the order they were added; the first one whose scope
   (``path`` substring, exact ``model``, stream-only kinds only for streams)
   matches is applied, and its ``count`` (None = until cleared) goes down by one.
+- In-stream kinds (``stall_stream``, ``cut_stream``, ``error_event``,
+  ``malformed_event``) act after ``after_events`` events; ``reject_prefill``
+  answers 400 only to a request ending with an assistant turn (a prefill).
 - ``clear()`` removes every fault and releases every stalled request at once
   (they then complete normally); a stall never ends any other way except the
   client going away.
@@ -53,6 +56,8 @@ class FaultKind(enum.Enum):
     SLOW_FIRST_TOKEN = "slow_first_token"
     RATE_LIMIT = "rate_limit"
     QUOTA = "quota"
+    MALFORMED_EVENT = "malformed_event"
+    REJECT_PREFILL = "reject_prefill"
 
 
 # Applied before the reply is built; the rest act inside a stream after N events.
@@ -66,7 +71,9 @@ BEFORE_REPLY = frozenset(
         FaultKind.QUOTA,
     }
 )
-IN_STREAM = frozenset(FaultKind) - BEFORE_REPLY
+# Taken only by a request that ends with an assistant turn (a prefill): a 400.
+ON_PREFILL = frozenset({FaultKind.REJECT_PREFILL})
+IN_STREAM = frozenset(FaultKind) - BEFORE_REPLY - ON_PREFILL
 
 
 class FaultSpecError(ValueError):
@@ -86,6 +93,8 @@ class Fault:
     ms: float = 0.0
     path: str | None = None
     model: str | None = None
+    # cut_stream: first send the format's bare end event (no finish reason), then hang up.
+    end_marker: bool = False
 
     def to_json(self) -> JSONDict:
         out = asdict(self)
@@ -137,6 +146,9 @@ def parse_fault(spec: Any, *, where: str = "") -> Fault:
     headers = spec.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise FaultSpecError(f"fault{where}.headers: expected an object of strings")
+    end_marker = spec.get("end_marker", False)
+    if not isinstance(end_marker, bool):
+        raise FaultSpecError(f"fault{where}.end_marker: expected true or false")
     for key in ("path", "model"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise FaultSpecError(f"fault{where}.{key}: expected a string")
@@ -152,6 +164,7 @@ def parse_fault(spec: Any, *, where: str = "") -> Fault:
         ms=float(ms),
         path=spec.get("path"),
         model=spec.get("model"),
+        end_marker=end_marker,
     )
 
 

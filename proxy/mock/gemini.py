@@ -34,6 +34,7 @@ from proxy.mock.common import (
     Route,
     StreamReply,
     ToolCall,
+    continued_pieces,
     count_words,
     dumps,
     embedding_vector,
@@ -148,6 +149,11 @@ class GeminiFormat(MockFormat):
         ]
         message = "You exceeded your current quota, please check your plan and billing details."
         return JsonReply(429, error_body(429, message, details))
+
+    def is_prefill(self, req: MockRequest) -> bool:
+        contents = req.body.get("contents") if isinstance(req.body, dict) else None
+        last = contents[-1] if isinstance(contents, list) and contents else None
+        return isinstance(last, dict) and last.get("role") == "model"
 
     def in_band_error(self) -> bytes:
         return (
@@ -277,6 +283,9 @@ class GeminiFormat(MockFormat):
             chunks = [reply.chunk(parts, tokens, last=True)]
         elif not self.wants_stream(req):
             chunks = [reply.chunk([{"text": " ".join(words)}], len(words), last=True)]
+        elif contents[-1].get("role") == "model":
+            # A prefill: the answer goes on from after the final model turn's text.
+            chunks = reply.piece_chunks(continued_pieces(words, _parts_text(contents[-1]["parts"])))
         else:
             chunks = reply.text_chunks(words)
         if not self.wants_stream(req):
@@ -391,6 +400,17 @@ class _Generation:
             "modelVersion": self.model,
             "responseId": self.response_id,
         }
+
+    def piece_chunks(self, pieces: list[str]) -> list[JSONDict]:
+        """Chunks of ready-made deltas (a continuation), WORDS_PER_CHUNK at a time."""
+        step = WORDS_PER_CHUNK
+        groups = [pieces[i : i + step] for i in range(0, len(pieces), step)] or [[]]
+        return [
+            self.chunk(
+                [{"text": "".join(g)}], min(len(pieces), (n + 1) * step), last=n == len(groups) - 1
+            )
+            for n, g in enumerate(groups)
+        ]
 
     def text_chunks(self, words: list[str]) -> list[JSONDict]:
         groups = [words[i : i + WORDS_PER_CHUNK] for i in range(0, len(words), WORDS_PER_CHUNK)]

@@ -30,6 +30,7 @@ from proxy.mock.common import (
     Route,
     StreamReply,
     ToolCall,
+    continued_pieces,
     count_words,
     dumps,
     embedding_base64,
@@ -121,6 +122,9 @@ class OpenAIFormat(MockFormat):
     def in_band_error(self) -> bytes:
         return _data(error_body(503))
 
+    def bare_end(self) -> bytes:
+        return DONE_EVENT
+
     def authorize(self, req: MockRequest) -> JsonReply | None:
         key = self.options.require_key
         if key is None:
@@ -184,9 +188,14 @@ class OpenAIFormat(MockFormat):
         except UnsupportedSchema as exc:
             param = "tools" if options.response_format is None else "response_format"
             return self._invalid(f"The mock cannot honour this schema: {exc}", param)
+        prefill = _prefill(messages)
         if calls:
             choice = _Choice(None, calls, "tool_calls")
             tokens = sum(count_words(c.arguments_json) for c in calls)
+        elif prefill is not None and options.response_format is None:
+            # DeepSeek/Mistral's partial assistant turn: the answer goes on after its text.
+            pieces = continued_pieces(words, prefill)
+            choice, tokens = _Choice(pieces, [], "length" if cut else "stop"), len(pieces)
         elif options.response_format is not None:
             choice, tokens = _Choice(pieces, [], "stop"), len(pieces)
         else:
@@ -629,6 +638,14 @@ def _embedding_inputs(raw: Any) -> list[str]:
             if isinstance(x, (str, list)) and x
         ]
     return []
+
+
+def _prefill(messages: list[JSONDict]) -> str | None:
+    """The text of a final assistant message marked ``"prefix": true``, else None."""
+    last = messages[-1]
+    if last.get("role") == "assistant" and last.get("prefix") is True:
+        return message_text(last.get("content"))
+    return None
 
 
 def _check_messages(messages: Any) -> str | None:

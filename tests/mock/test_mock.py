@@ -1313,3 +1313,127 @@ async def test_raw_stream_server_can_hang_up_mid_body(session: aiohttp.ClientSes
             assert r.status == 503
             assert await r.read() == b"{}"
         await server.wait_requests(2)
+
+
+# -- continuation support: prefill, bare ends, malformed events ------------------------------
+
+
+def _openai_text(raw: bytes) -> str:
+    text = ""
+    for payload in data_payloads(raw):
+        if payload != "[DONE]":
+            for choice in orjson.loads(payload)["choices"]:
+                text += choice["delta"].get("content") or ""
+    return text
+
+
+def _anthropic_text(raw: bytes) -> str:
+    return "".join(
+        d["delta"].get("text", "")
+        for name, d in anthropic_events(raw)
+        if name == "content_block_delta"
+    )
+
+
+async def test_anthropic_prefill_continues_the_same_answer(
+    session: aiohttp.ClientSession,
+) -> None:
+    full = reply_text(PROMPT, 9)
+    head = " ".join(full.split()[:5])
+    async with running_mock("anthropic", words=9) as m:
+        url, body, headers = chat_request(m, "anthropic", stream=True)
+        body["messages"].append({"role": "assistant", "content": head})
+        async with session.post(url, json=body, headers=headers) as r:
+            raw = await r.read()
+    assert head + _anthropic_text(raw) == full
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+async def test_openai_prefill_needs_the_prefix_flag(
+    session: aiohttp.ClientSession, prefix: bool
+) -> None:
+    full = reply_text(PROMPT, 9)
+    head = " ".join(full.split()[:4]) + " "
+    async with running_mock("openai", words=9) as m:
+        body = openai_chat(stream=True)
+        body["messages"].append({"role": "assistant", "content": head, "prefix": prefix})
+        async with session.post(f"{m.url}/v1/chat/completions", json=body) as r:
+            raw = await r.read()
+    text = _openai_text(raw)
+    assert text == (full[len(head) - 1 :] if prefix else full)
+
+
+async def test_gemini_prefill_continues_after_the_model_turn(
+    session: aiohttp.ClientSession,
+) -> None:
+    full = reply_text(PROMPT, 9)
+    head = " ".join(full.split()[:3])
+    async with running_mock("gemini", words=9) as m:
+        url, body, headers = chat_request(m, "gemini", stream=True)
+        body["contents"].append({"role": "model", "parts": [{"text": head}]})
+        async with session.post(url, json=body, headers=headers) as r:
+            raw = await r.read()
+    text = "".join(
+        p["text"] for c in gemini_chunks(raw) for p in c["candidates"][0]["content"]["parts"]
+    )
+    assert head + text == full
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_reject_prefill_refuses_only_a_trailing_assistant_turn(
+    session: aiohttp.ClientSession, fmt: FormatName
+) -> None:
+    async with running_mock(fmt) as m:
+        await m.set_fault(kind="reject_prefill")
+        url, body, headers = chat_request(m, fmt, stream=False)
+        async with session.post(url, json=body, headers=headers) as r:
+            assert r.status == 200  # no prefill: the fault is not taken
+        if fmt == "gemini":
+            body["contents"].append({"role": "model", "parts": [{"text": "mock"}]})
+        else:
+            body["messages"].append({"role": "assistant", "content": "mock"})
+        async with session.post(url, json=body, headers=headers) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+        assert "prefill" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "end"),
+    [
+        ("openai", b"data: [DONE]\n\n"),
+        ("anthropic", b'event: message_stop\ndata: {"type":"message_stop"}\n\n'),
+    ],
+)
+async def test_cut_stream_with_end_marker_sends_a_bare_end(
+    session: aiohttp.ClientSession, fmt: FormatName, end: bytes
+) -> None:
+    async with running_mock(fmt, words=9) as m:
+        await m.set_fault(kind="cut_stream", after_events=4, end_marker=True)
+        url, body, headers = chat_request(m, fmt, stream=True)
+        raw = await read_cut_stream(session, url, body, headers)
+    assert raw.endswith(end)
+    assert b'finish_reason":"' not in raw
+    assert b'stop_reason":"' not in raw
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_malformed_event_is_cut_off_json(
+    session: aiohttp.ClientSession, fmt: FormatName
+) -> None:
+    async with running_mock(fmt, words=9) as m:
+        await m.set_fault(kind="malformed_event", after_events=3)
+        url, body, headers = chat_request(m, fmt, stream=True)
+        async with session.post(url, json=body, headers=headers) as r:
+            raw = await r.read()
+    last = raw.rstrip().rsplit(b"\n", 1)[-1]
+    assert last.startswith(b"data: {")
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(last[6:])
+
+
+def test_end_marker_must_be_a_boolean() -> None:
+    with pytest.raises(FaultSpecError, match="end_marker"):
+        MockControl.of(create_mock_app("openai")).set_faults(
+            {"kind": "cut_stream", "end_marker": 1}
+        )
