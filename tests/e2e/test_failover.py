@@ -63,6 +63,9 @@ models:
 defaults:
   # Equal prices: declaration order, whatever the live stats say (primary first).
   strategy: cost_optimized
+  # The committed-stream tests here are of the in-band error; tests/e2e/test_continuation.py
+  # covers a failed stream finished by the next candidate.
+  continuation: false
   retry:
     max_attempts: 4
     same_deployment_retries: 1

@@ -306,7 +306,9 @@ async def test_pool_exhaustion_with_no_other_candidate_is_a_503(tmp_path: Path) 
 
 def test_relay_parser_and_guard_agree_at_every_split() -> None:
     """Pieces without a newline are kept, not re-joined per read; the output is unchanged."""
-    stream = CONTENT.replace(b"\n\n", b"\r\n\r\n") + CONTENT + b"data: [DONE]\n\n"
+    finish = CONTENT.replace(b'"finish_reason":null', b'"finish_reason":"stop"')
+    assert finish != CONTENT  # a [DONE] needs a finish reason before it (else truncated)
+    stream = CONTENT.replace(b"\n\n", b"\r\n\r\n") + finish + b"data: [DONE]\n\n"
     whole = OpenAIStreamRelay(strip_usage=False)
     expected = whole.feed(stream) + whole.finish()
     for size in (1, 2, 3, 7, 64):
