@@ -39,7 +39,7 @@ CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"}
 EVENT_SEP = b"\n\n"
 DONE_EVENT = b"data: [DONE]"
 DONE_FRAME = b"data: [DONE]\n\n"
-# How a JSON data event ends: a batch with fewer of these than events holds something else.
+# How a JSON data event ends: a batch ending otherwise is checked event by event.
 JSON_EVENT_END = b"}\n\n"
 # Markers that make an event worth parsing after the commit point.
 USAGE_MARK = b'"usage":{'
@@ -453,7 +453,7 @@ class OpenAIStreamRelay:
                 spans.append((start, end))
                 at = complete.find(mark, end)
         if not spans:
-            if complete.count(EVENT_SEP) != complete.count(JSON_EVENT_END):
+            if complete[-3:] != JSON_EVENT_END:
                 return self._check_events(complete)
             return complete
         spans = sorted(set(spans))
@@ -485,11 +485,11 @@ class OpenAIStreamRelay:
         return b"".join(out)
 
     def _check_events(self, complete: bytes) -> bytes:
-        """A batch with an event that does not end in ``}``: is each of its ``data:`` JSON?
+        """A batch whose last event does not end in ``}``: is each ``data:`` in it JSON?
 
-        Reached only then (two ``count`` calls per batch decide it), so a healthy stream
-        is never parsed. The events before the first unreadable one are delivered; the
-        failure is raised by the next call.
+        Reached only then (one slice compare per batch decides it: a cut-off event is the
+        last thing a dying upstream sends), so a healthy stream is never parsed. The events
+        before the first unreadable one are delivered; the failure is raised by the next call.
         """
         pos = 0
         while pos < len(complete):
