@@ -25,6 +25,7 @@ from proxy.core.prefs import EXTENSION_KEY, parse_prefs, routing_inputs
 from proxy.core.router import RoutePlan, plan_route
 from proxy.providers.anthropic_inbound import ANTHROPIC_VERSION_HEADER, models_list
 from proxy.providers.base import Endpoint, JSONDict
+from proxy.server.continuation import for_request
 from proxy.server.forward import Exchange, serve
 from proxy.server.state import REQUEST_INFO, ProxyState
 
@@ -228,6 +229,7 @@ def _exchange(request: web.Request, endpoint: Endpoint, body: JSONDict, check: C
 async def _dispatch(request: web.Request, endpoint: Endpoint, check: Check) -> web.StreamResponse:
     """The handler of every proxied endpoint (one coroutine frame per request)."""
     ex = _exchange(request, endpoint, await read_json(request), check)
+    ex.continuation = for_request(ex)
     try:
         return await serve(ex)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -54,6 +55,8 @@ class Exchange:
     attempts: int = 0
     upstream_seconds: float = 0.0
     usage_estimated: bool = False
+    # Set when a failed committed stream may be continued (proxy.server.continuation).
+    continuation: Continuation | None = None
     _route_header: str = ""
 
     def route_header(self) -> str:
@@ -61,6 +64,42 @@ class Exchange:
         if not self._route_header:
             self._route_header = self.plan.header()
         return self._route_header
+
+
+class Continuation(Protocol):
+    """What the committed stream asks of a continuation (proxy.server.continuation).
+
+    ``relay`` is the stream's ``proxy.server.streaming.StreamRelay``.
+    """
+
+    failure: JSONDict | None  # the committed stream's failure, left to the continuation
+
+    @property
+    def resuming(self) -> bool:
+        """A continuation is walking the candidates: a stream now is a continuing one."""
+        ...
+
+    def keep(self, data: bytes) -> None: ...
+
+    async def resume(
+        self,
+        ex: Exchange,
+        failed: Attempt,
+        relay: Any,
+        out: web.StreamResponse,
+        cost: float,
+        total_deadline: float,
+    ) -> bool: ...
+
+    async def splice(
+        self,
+        ex: Exchange,
+        attempt: Attempt,
+        relay: Any,
+        resp: Response,
+        pending: bytes,
+        total_deadline: float,
+    ) -> web.StreamResponse: ...
 
 
 class AttemptFailed(Exception):

@@ -50,6 +50,10 @@ TOKEN_KINDS = ("prompt", "completion")
 UPSTREAM_OUTCOMES = ("success", "failure", "rate_limited", "ignored", "local_failure")
 # Why a candidate was skipped without I/O (proxy.server.forward).
 REJECTION_REASONS = ("breaker_open", "rate_limited")
+# Mid-stream continuation (proxy.server.continuation): how, and how it ended ("none": no
+# candidate was tried, e.g. the stream was ineligible or the retry budget was spent).
+CONTINUATION_METHODS = ("prefill", "restart", "none")
+CONTINUATION_RESULTS = ("continued", "mismatch", "failed", "ineligible")
 # Series labelled by model are created ahead only for a catalog up to this many models and
 # deployments: a sidecar's catalog has tens; a shared catalog of thousands would export
 # tens of thousands of zeros. Beyond it those series appear on first use, as before.
@@ -334,6 +338,13 @@ class Metrics:
             ["upstream"],
             r,
         )
+        self.continuations = LeanCounter(
+            "cb_proxy_stream_continuations_total",
+            "Committed streams that failed and were continued (or not) on another candidate, "
+            "by the failed stream's upstream, method and result.",
+            ["upstream", "method", "result"],
+            r,
+        )
         self.rejections = LeanCounter(
             "cb_proxy_rejections_total",
             "Candidates skipped without upstream I/O, by reason (breaker_open, rate_limited, ...).",
@@ -400,6 +411,9 @@ class Metrics:
             for reason in REJECTION_REASONS:
                 self.rejections.labels(upstream, reason)
             self.retries.labels(upstream)
+            for method in CONTINUATION_METHODS:
+                for outcome in CONTINUATION_RESULTS:
+                    self.continuations.labels(upstream, method, outcome)
             self.upstream_duration.labels(upstream)
             self.time_to_first_token.labels(upstream)
             for served_by in upstreams:

@@ -36,6 +36,7 @@ from proxy.server.drain import DRAIN, shutting_down
 from proxy.server.exchange import (
     Attempt,
     AttemptFailed,
+    Continuation,
     Exchange,
     account,
     base_headers,
@@ -263,6 +264,12 @@ async def stream(
     pending = b"".join(held)
     del held  # the pre-commit chunks: only their join is written
     attempt.first_token()
+    cont = ex.continuation if native is None and reframe is None else None
+    if cont is not None and cont.resuming:
+        # A continuation of a stream already committed (proxy.server.continuation).
+        deadline.reschedule(None)
+        ex.body = {}
+        return await cont.splice(ex, attempt, relay, resp, pending, total_deadline)
 
     # Commit: the client gets a 200 and there is no failover from here on.
     deadline.reschedule(None)
@@ -280,11 +287,14 @@ async def stream(
             await out.prepare(ex.request)
             if pending:
                 # Only whole events reach here (docs/architecture.md, "Secrets").
-                await out.write(ex.state.redactor.redact_success(pending))
+                pending = ex.state.redactor.redact_success(pending)
+                await out.write(pending)
+                if cont is not None:
+                    cont.keep(pending)
         except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone(str(exc)) from exc
         pending = b""  # written: not held for the rest of the stream
-        outcome = await relay_rest(ex, attempt, relay, resp, out, total_deadline)
+        outcome = await relay_rest(ex, attempt, relay, resp, out, total_deadline, cont)
     except ClientGone:
         LOG.info("request %s: the client went away mid-stream", ex.request_id)
         outcome = Outcome.IGNORED
@@ -293,8 +303,36 @@ async def stream(
             raise  # the client went away (handler cancellation): nobody to answer
         outcome = await end_at_shutdown(ex, out, relay)
     attempt.finish(ex, outcome)
-    account(ex, cand, relay.usage, relay.content_chars)
+    cost = account(ex, cand, relay.usage, relay.content_chars)
+    if cont is not None and cont.failure is not None:
+        await continue_or_fail(ex, attempt, relay, out, cont, cost, total_deadline)
     return out
+
+
+async def continue_or_fail(
+    ex: Exchange,
+    attempt: Attempt,
+    relay: StreamRelay,
+    out: web.StreamResponse,
+    cont: Continuation,
+    cost: float,
+    total_deadline: float,
+) -> None:
+    """A failed committed stream: continued on the next candidates, or its in-band error."""
+    failed = cont.failure
+    try:
+        if failed is None or await cont.resume(ex, attempt, relay, out, cost, total_deadline):
+            return
+    except asyncio.CancelledError:
+        if not ex.request.app[DRAIN].claim():
+            raise  # the client went away: nobody to answer
+        await end_at_shutdown(ex, out, relay)
+        return
+    try:
+        await write(out, relay.error_frame(ex.state.redactor.redact_json(failed)))
+        await out.write_eof()
+    except (ClientGone, ConnectionError, aiohttp.ClientConnectionResetError):
+        LOG.info("request %s: the client went away mid-stream", ex.request_id)
 
 
 async def end_at_shutdown(ex: Exchange, out: web.StreamResponse, relay: StreamRelay) -> Outcome:
@@ -326,8 +364,14 @@ async def relay_rest(
     resp: Response,
     out: web.StreamResponse,
     total_deadline: float,
+    cont: Continuation | None = None,
 ) -> Outcome:
-    """Relay the committed stream to its end; the outcome is the upstream's."""
+    """Relay the committed stream to its end; the outcome is the upstream's.
+
+    With ``cont`` (a continuable request), what is written is also copied, and a failure
+    is left to the caller (``cont.failure``): no error event, no end of the body yet.
+    """
+    keep = cont.keep if cont is not None else None
     loop = asyncio.get_running_loop()
     cand = attempt.cand
     idle = cand.provider.timeouts.idle
@@ -344,14 +388,20 @@ async def relay_rest(
                     tail = relay.finish()
                     if tail:
                         gap.reschedule(total_deadline)  # the client's pace, not the upstream's
-                        await write(out, redact(tail))
+                        tail = redact(tail)
+                        await write(out, tail)
+                        if keep is not None:
+                            keep(tail)
                     break
                 data = relay.feed(chunk)
                 if data:
                     # A client slow to take the data is not an upstream stall: only the total
                     # deadline runs while writing (the upstream is paused by backpressure).
                     gap.when = total_deadline
-                    await write(out, redact(data))
+                    data = redact(data)
+                    await write(out, data)
+                    if keep is not None:
+                        keep(data)
                 # The idle gap from now (Guard.reschedule inlined: this runs per chunk). Later
                 # than before: an attribute write; earlier than its wheel slot (the sweep filed
                 # it at the total deadline during a write): filed again.
@@ -371,6 +421,9 @@ async def relay_rest(
             else "at the total deadline"
         )
         failed = failure(exc, cand.deployment.key, doing=doing).error.to_dict()
+    if failed is not None and cont is not None and not cont.resuming:
+        cont.failure = failed  # the caller continues the stream or ends it with this error
+        return Outcome.FAILURE
     if failed is not None:
         # Never a silent truncated 200: one in-band error event (no key in it), then the end.
         frame = relay.error_frame(ex.state.redactor.redact_json(failed))
