@@ -12,7 +12,7 @@ Invariants:
   continuation on) keeps a copy of the OpenAI bytes written to the client, at
   most ``CB_CONTINUATION_MAX_BYTES``; past that the copy is dropped and the
   stream is not continuable. Nothing is parsed unless the stream fails.
-- Every continuation attempt is an ordinary attempt (``forward.Walk.candidate``):
+- Every continuation attempt is an ordinary attempt (``forward._attempt``):
   rate-limit gate, both breaker permits, the first-token deadline, its own
   outcome; it is a retry, so it needs a slot of the retry budget, and it runs
   within the failed attempt's total deadline and the request's ``max_attempts``.
