@@ -43,6 +43,7 @@ providers:
   backup:
     type: {backup_type}
     base_url: {backup}{suffix}
+    prefill: {prefill}
     timeouts: {{connect: 1, first_token: 5, idle: 5, total: 20}}
 models:
   story:
@@ -53,7 +54,7 @@ models:
 defaults:
   strategy: cost_optimized
   retry: {{max_attempts: 4, same_deployment_retries: 0}}
-"""
+{defaults_extra}"""
 BACKUP_MODELS = {"openai": "gpt-4o", "anthropic": "claude-sonnet-4-5", "gemini": "gemini-2.0-flash"}
 
 
@@ -73,6 +74,8 @@ async def rig(
     backup_words: int = WORDS,
     model_extra: str = "",
     idle: float = 5.0,
+    prefill: str = "null",
+    defaults_extra: str = "",
     **settings: Any,
 ) -> AsyncIterator[Rig]:
     async with (
@@ -88,6 +91,8 @@ async def rig(
             extra=extra,
             model_extra=model_extra,
             idle=idle,
+            prefill=prefill,
+            defaults_extra=defaults_extra,
         )
         async with (
             running_proxy(write_rules(tmp_path, rules), **settings) as proxy,
@@ -350,3 +355,31 @@ async def test_every_continuation_series_exists_at_zero(tmp_path: Path) -> None:
     for upstream in ("primary", "backup"):
         assert {(upstream, m, x) for m in methods for x in results} <= seen
     assert scrape.total(name) == 0
+
+
+async def test_an_openai_upstream_with_the_prefill_flag_gets_a_prefix_message(
+    tmp_path: Path,
+) -> None:
+    async with rig(tmp_path, "openai", prefill="true") as r:
+        await r.primary.set_fault(CUT)
+        s = parse(await stream_bytes(r))
+        last = r.backup.stats()["last_body"]["messages"][-1]
+        scrape = Scrape(await r.proxy.metrics_text())
+    assert_one_stream(s)
+    prefill = " ".join(ANSWER.split()[:SENT_WORDS])
+    assert last == {"role": "assistant", "content": prefill, "prefix": True}
+    assert continuations(scrape, "prefill", "continued") == 1
+
+
+async def test_no_metadata_chunk_when_response_metadata_is_off(tmp_path: Path) -> None:
+    async with rig(tmp_path, "anthropic", extra="") as r:
+        text = r.proxy.rules_path.read_text()
+        assert "response_metadata" not in text
+        await r.primary.set_fault(CUT)
+        with_meta = parse(await stream_bytes(r))
+    async with rig(tmp_path, "anthropic", defaults_extra="  response_metadata: false\n") as r:
+        await r.primary.set_fault(CUT)
+        without = parse(await stream_bytes(r))
+    assert_one_stream(without)
+    assert any("circuit_breaker" in c for c in with_meta.chunks)
+    assert not any("circuit_breaker" in c for c in without.chunks)
