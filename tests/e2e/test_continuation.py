@@ -383,3 +383,12 @@ async def test_no_metadata_chunk_when_response_metadata_is_off(tmp_path: Path) -
     assert_one_stream(without)
     assert any("circuit_breaker" in c for c in with_meta.chunks)
     assert not any("circuit_breaker" in c for c in without.chunks)
+
+
+@pytest.mark.parametrize("kind", ["error_event", "malformed_event"])
+async def test_an_in_band_error_or_a_malformed_event_is_continued(
+    tmp_path: Path, kind: str
+) -> None:
+    async with rig(tmp_path, "gemini") as r:
+        await r.primary.set_fault({"kind": kind, "after_events": 1 + SENT_WORDS})
+        assert_one_stream(parse(await stream_bytes(r)))
