@@ -15,9 +15,10 @@ Invariants:
 2. ``hedge_after`` is None (no hedge) for no setting, and for ``auto`` until the
    deployment has ``hedge.min_samples`` first tokens; otherwise at least
    ``hedge.min_ms`` for ``auto``, and exactly the setting for a number.
-3. Reading is O(1) amortised: each deployment's quantiles are recomputed at most
-   once per ``REFRESH_SECONDS`` of the clock (the window moves by whole seconds
-   anyway), so asking per attempt costs a dictionary lookup.
+3. Reading is O(1) amortised: once a deployment has its minimum of samples, its
+   quantiles are recomputed at most once per ``REFRESH_SECONDS`` of the clock (the
+   window moves by whole seconds anyway), so asking per attempt costs a dictionary
+   lookup; before that, every new sample is seen by the next read.
 4. Memory is bounded: a window per deployment that was ever observed, each of
    ``window_seconds`` one-second buckets.
 """
@@ -90,6 +91,10 @@ class FirstTokenTimes:
         if entry is None:
             entry = self._by_key[key] = _Deployment(self.policy.window_seconds)
         entry.window.add(self._clock(), False, False, seconds * 1000.0)
+        if entry.samples < max(self.policy.min_samples, self.hedge.min_samples):
+            # Still gathering: the next read counts this sample (a deployment's first few
+            # streams decide when it leaves the configured deadline, not the refresh tick).
+            entry.computed_at = -1e18
 
     def deadline(self, key: str, configured: float) -> float:
         """Seconds to wait for ``key``'s first token: adaptive, capped by ``configured``."""

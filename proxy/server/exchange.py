@@ -8,8 +8,10 @@ are built here, from the same facts, so they always agree.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,6 +57,7 @@ class Exchange:
     attempts: int = 0
     upstream_seconds: float = 0.0
     usage_estimated: bool = False
+    race: Race | None = None  # a hedged stream's walkers (proxy.server.hedge)
     # Set when a failed committed stream may be continued (proxy.server.continuation).
     continuation: Continuation | None = None
     _route_header: str = ""
@@ -236,6 +239,47 @@ class Attempt:
         if self.index > 0 and outcome is Outcome.SUCCESS:
             primary = ex.plan.candidates[0].provider.name
             state.metrics.fallbacks.labels(primary, self.cand.provider.name).inc()
+
+
+class Race:
+    """The walkers of one hedged stream and which attempt committed first (proxy.server.hedge).
+
+    At most one attempt commits: ``claim`` is synchronous and the first caller wins.
+    """
+
+    __slots__ = ("hedge", "on_result", "tasks", "winner", "winner_started")
+
+    def __init__(self, on_result: Callable[[str], None]) -> None:
+        self.tasks: list[asyncio.Task[web.StreamResponse | None]] = []
+        self.hedge: asyncio.Task[web.StreamResponse | None] | None = None  # the second walker
+        self.winner: asyncio.Task[object] | None = None
+        self.winner_started = 0.0
+        # Counts the race's end (won, lost, failed) once, at the commit: before the client
+        # has a byte, so a reader of the metric never races the stream.
+        self.on_result = on_result
+
+    def claim(self, attempt: Attempt) -> bool:
+        """``attempt`` reached its commit point: True if it is the first (the others stop)."""
+        task = asyncio.current_task()
+        if self.winner is not None:
+            return self.winner is task
+        self.winner = task
+        self.winner_started = attempt.started
+        if self.hedge is not None:
+            self.on_result("won" if task is self.hedge else "lost")
+        for other in self.tasks:
+            if other is not task:
+                other.cancel()
+        return True
+
+    def lost_by(self, attempt: Attempt) -> bool:
+        """Was ``attempt`` cancelled by a later-sent attempt's first token (a slow start)?"""
+        return (
+            self.winner is not None
+            and self.winner is not asyncio.current_task()
+            and attempt.ttft is None
+            and attempt.started < self.winner_started
+        )
 
 
 def client_error(info: ErrorInfo) -> ProxyError:

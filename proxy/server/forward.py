@@ -70,6 +70,7 @@ from proxy.server.exchange import (
     reply_chars,
     retry_headers,
 )
+from proxy.server.hedge import hedge_setting, run_hedged
 from proxy.server.state import ProxyState
 from proxy.server.streaming import ClientGone, stream, unreadable
 from proxy.upstream.client import Progress, Response, UpstreamPool
@@ -79,7 +80,6 @@ from proxy.upstream.errors import UPSTREAM_ERRORS, BodyTooLarge, Failure, failur
 LOG = logging.getLogger("cb_proxy.forward")
 
 ERROR_BODY_LIMIT = 256 * 1024  # an upstream error body larger than this is cut
-RETRY_BUDGET_FLOOR = 3
 DEFAULT_RETRY_AFTER = 1.0
 FORCED_OPEN_RETRY_AFTER = 60.0
 # Failures with these statuses are the account's (402 payment, 429 quota), not one model's.
@@ -103,28 +103,80 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
     """Walk the plan; return the response (a stream is already written when returned).
 
     ``attempt`` replaces the upstream call (``_attempt``): tests script it to drive the loop.
+    A stream whose route or virtual model sets ``hedge_after_ms`` is walked by two walkers
+    once its first candidate is slow to its first token (``proxy.server.hedge``).
     """
-    try_upstream = _attempt if attempt is None else attempt
-    plan = ex.plan
-    if not plan.candidates:
+    if not ex.plan.candidates:
         raise _nothing_to_try(ex)
-    state = ex.state
-    policy = ex.rules.defaults.retry
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + plan.candidates[0].provider.timeouts.total
-    errors: list[AttemptFailed] = []
-    open_waits: list[float] = []  # candidates skipped because their breaker is open
-    gate_waits: list[float] = []  # candidates skipped because their rate-limit gate is closed
-    for index, cand in enumerate(plan.candidates):
-        if ex.attempts >= policy.max_attempts or loop.time() >= deadline:
-            break
+    walk = Walk(ex, _attempt if attempt is None else attempt)
+    setting = hedge_setting(ex.plan) if ex.stream else None
+    if setting is not None and len(ex.plan.candidates) > 1:
+        delay = ex.state.first_tokens.hedge_after(ex.plan.candidates[0].deployment.key, setting)
+        if delay is not None:
+            return await run_hedged(ex, walk, delay)
+    response = await walk.walk()
+    if response is None:
+        raise walk.final_error()
+    return response
+
+
+class Walk:
+    """The candidates of one request, taken in order by one walker or two (hedging).
+
+    The cursor ``next`` is shared, so two walkers never try the same candidate; the
+    failures, open breakers and closed gates they meet are gathered for the final error.
+    """
+
+    __slots__ = ("deadline", "errors", "ex", "gate_waits", "next", "open_waits", "try_upstream")
+
+    def __init__(self, ex: Exchange, try_upstream: AttemptFn) -> None:
+        self.ex = ex
+        self.try_upstream = try_upstream
+        self.deadline = (
+            asyncio.get_running_loop().time() + ex.plan.candidates[0].provider.timeouts.total
+        )
+        self.next = 0
+        self.errors: list[AttemptFailed] = []
+        self.open_waits: list[float] = []  # candidates skipped because their breaker is open
+        self.gate_waits: list[float] = []  # skipped because their rate-limit gate is closed
+
+    def can_go_on(self) -> bool:
+        """Is there a candidate left, within the attempts and the request's deadline?"""
+        ex = self.ex
+        return (
+            self.next < len(ex.plan.candidates)
+            and ex.attempts < ex.rules.defaults.retry.max_attempts
+            and asyncio.get_running_loop().time() < self.deadline
+        )
+
+    async def walk(self) -> web.StreamResponse | None:
+        """Try the candidates from the cursor on; the response, or None when none served."""
+        candidates = self.ex.plan.candidates
+        while self.can_go_on():
+            index = self.next
+            self.next += 1
+            response = await self.candidate(candidates[index], index)
+            if response is not None:
+                return response
+        return None
+
+    def final_error(self) -> ProxyError:
+        return _final_error(self.errors, self.open_waits, self.gate_waits)
+
+    async def candidate(self, cand: Candidate, index: int) -> web.StreamResponse | None:
+        """One candidate: gate, breakers, the attempt and its quick retries (docs/breaker.md)."""
+        ex = self.ex
+        state = ex.state
+        policy = ex.rules.defaults.retry
+        loop = asyncio.get_running_loop()
+        errors = self.errors
         if _too_small_after(errors, cand):
-            continue
+            return None
         gate_key = (cand.provider.name, cand.deployment.upstream_model)
         if not state.gates.is_open(gate_key):
-            gate_waits.append(state.gates.retry_after(gate_key))
+            self.gate_waits.append(state.gates.retry_after(gate_key))
             state.metrics.rejections.labels(cand.provider.name, "rate_limited").inc()
-            continue
+            return None
         breaker = state.breaker(cand.provider.name)
         model_breaker = state.deployment_breaker(cand.deployment)
         retries = 0
@@ -140,13 +192,17 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
                     state.metrics.rejections.labels(cand.provider.name, "breaker_open").inc()
                     if retried is not None:
                         errors.append(retried)  # it was tried and failed: its error still counts
-                        break
-                    open_waits.append(_open_wait(breaker, model_breaker))
-                    break
+                        return None
+                    self.open_waits.append(_open_wait(breaker, model_breaker))
+                    return None
                 permit, model_permit = permits
                 try:
-                    return await try_upstream(
-                        ex, cand, index, (breaker, permit, model_breaker, model_permit), deadline
+                    return await self.try_upstream(
+                        ex,
+                        cand,
+                        index,
+                        (breaker, permit, model_breaker, model_permit),
+                        self.deadline,
                     )
                 except AttemptFailed as failed:
                     if holding:  # the retried attempt is over: its budget slot returns
@@ -179,8 +235,8 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
                         wait is not None
                         and retries < policy.same_deployment_retries
                         and ex.attempts < policy.max_attempts
-                        and loop.time() + wait < deadline
-                        and state.retries_in_flight < _retry_budget(state, policy)
+                        and loop.time() + wait < self.deadline
+                        and state.retries_in_flight < state.retry_budget(policy)
                     ):
                         retries += 1
                         retried = failed
@@ -190,11 +246,10 @@ async def serve(ex: Exchange, *, attempt: AttemptFn | None = None) -> web.Stream
                         await asyncio.sleep(wait)  # backoff before the retry, not a test wait
                         continue
                     errors.append(failed)
-                    break
+                    return None
         finally:
             if holding:  # a retry that succeeded, or a request cancelled meanwhile
                 state.retries_in_flight -= 1
-    raise _final_error(errors, open_waits, gate_waits)
 
 
 def _permits(provider: CircuitBreaker, model: CircuitBreaker) -> tuple[Permit, Permit] | None:
@@ -223,11 +278,6 @@ def _too_small_after(errors: list[AttemptFailed], cand: Candidate) -> bool:
     if not errors or errors[-1].info is None or not errors[-1].info.context_window:
         return False
     return (cand.context_window or 0) <= (errors[-1].context_window or 0)
-
-
-def _retry_budget(state: ProxyState, policy: RetryPolicy) -> float:
-    """Retries in flight never exceed max(3, budget_ratio of active requests) (docs/breaker.md)."""
-    return max(RETRY_BUDGET_FLOOR, policy.budget_ratio * state.in_flight)
 
 
 def _retry_wait(failed: AttemptFailed, policy: RetryPolicy, state: ProxyState) -> float | None:
@@ -319,7 +369,17 @@ async def _attempt(
         model_breaker.release(model_permit)
         raise
     ex.attempts += 1
-    attempt = Attempt(cand, index, breaker, permit, time.monotonic(), model_breaker, model_permit)
+    attempt = Attempt(
+        cand,
+        index,
+        breaker,
+        permit,
+        time.monotonic(),
+        model_breaker,
+        model_permit,
+        # A stream's first-token time feeds its deployment's adaptive deadline.
+        state.first_tokens if ex.stream else None,
+    )
     # The coroutine holds the request from here; _send lets go of it once it is sent, so the
     # upstream body is not kept for the life of a stream.
     sending = _send(ex, attempt, pool, req, adapter, native, request_deadline)
@@ -338,7 +398,9 @@ async def _attempt(
         raise
     except asyncio.CancelledError:
         # The client went away (docs/breaker.md: ignored): a probe slot returns, nothing counts.
-        attempt.finish(ex, Outcome.IGNORED)
+        # A hedge race lost by an attempt that had the head start is its slow first token.
+        lost = ex.race is not None and ex.race.lost_by(attempt)
+        attempt.finish(ex, Outcome.FAILURE if lost else Outcome.IGNORED)
         raise
     except BaseException:
         # A bug in the proxy: the upstream is not to blame.

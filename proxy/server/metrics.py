@@ -50,6 +50,7 @@ TOKEN_KINDS = ("prompt", "completion")
 UPSTREAM_OUTCOMES = ("success", "failure", "rate_limited", "ignored", "local_failure")
 # Why a candidate was skipped without I/O (proxy.server.forward).
 REJECTION_REASONS = ("breaker_open", "rate_limited")
+HEDGE_RESULTS = ("won", "lost", "failed")
 # Mid-stream continuation (proxy.server.continuation): how, and how it ended ("none": no
 # candidate was tried, e.g. the stream was ineligible or the retry budget was spent).
 CONTINUATION_METHODS = ("prefill", "restart", "none")
@@ -338,6 +339,13 @@ class Metrics:
             ["upstream"],
             r,
         )
+        self.hedges = LeanCounter(
+            "cb_proxy_hedges_total",
+            "Hedged streams by the request's first upstream and how the hedge ended "
+            "(won: it served; lost: the first attempt did; failed: neither).",
+            ["upstream", "result"],
+            r,
+        )
         self.continuations = LeanCounter(
             "cb_proxy_stream_continuations_total",
             "Committed streams that failed and were continued (or not) on another candidate, "
@@ -411,6 +419,8 @@ class Metrics:
             for reason in REJECTION_REASONS:
                 self.rejections.labels(upstream, reason)
             self.retries.labels(upstream)
+            for result in HEDGE_RESULTS:
+                self.hedges.labels(upstream, result)
             for method in CONTINUATION_METHODS:
                 for outcome in CONTINUATION_RESULTS:
                     self.continuations.labels(upstream, method, outcome)

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config.check import load_rules
-from proxy.config.model import BreakerOverrides, Deployment, Provider, RuleSet
+from proxy.config.model import BreakerOverrides, Deployment, Provider, RetryPolicy, RuleSet
 from proxy.config.settings import Settings
 from proxy.core.breaker import (
     TRANSITIONS,
@@ -41,6 +41,7 @@ from proxy.upstream.deadline import Watchdog
 LOG = logging.getLogger("cb_proxy")
 # How long the router may reuse the live facts it read (a breaker transition ends it sooner).
 LIVE_FACTS_SECONDS = 0.1
+RETRY_BUDGET_FLOOR = 3  # retries in flight allowed however few requests are active
 UNKNOWN_MODEL = "unknown"  # a request counted before its model was resolved
 # Every real (from, to) breaker transition, as metric label values.
 BREAKER_TRANSITIONS = tuple(
@@ -285,6 +286,11 @@ class ProxyState:
         self.live_changes += 1
         self.redactor = Redactor(keys.values())
         self._create_breakers()
+
+    def retry_budget(self, policy: RetryPolicy) -> float:
+        """Retries (and hedges) in flight never exceed max(3, budget_ratio of active requests)
+        (docs/breaker.md, 'Retries and failover')."""
+        return max(RETRY_BUDGET_FLOOR, policy.budget_ratio * self.in_flight)
 
     def epoch(self) -> object:
         """Routing (LiveView): changes every LIVE_FACTS_SECONDS, at each transition and swap."""
