@@ -4,14 +4,16 @@ Two proxies run in the test's event loop in front of the four mock upstreams of 
 one enforcing, one monitor-only (CIRCUIT_BREAKER_ENABLED=false), as in a fleet mid-rollout. A
 real Prometheus server (the Debian `prometheus` binary, the same package as promtool) scrapes
 both under job "cb-proxy" every second and evaluates deploy/prometheus/alerts.yml. After normal
-traffic, an outage of the primary OpenAI mock (failover, retries, breaker open, rejections,
-would-block) and a good and a bad rules reload, every query of deploy/grafana/dashboard.json and
-every recording rule must return data, the breaker alerts must be active, and no rule may fail
-to evaluate.
+traffic, an outage of the primary OpenAI mock in two steps (a model-level one: gpt-4o-mini answers
+503, its deployment breaker opens and it fails over to the backup; then a transport-level one: the
+mock hangs up on every request, the provider breaker opens, with rejections and would-block) and a
+good and a bad rules reload, every query of deploy/grafana/dashboard.json and every recording rule
+must return data, the breaker alerts of both levels must be active, and no rule may fail to
+evaluate.
 
-No sleeps: Prometheus scrapes through a relay that counts scrapes, and the test waits for scrape
-events. A scrape of a target starts only after the previous one was stored, so once scrape n+1
-arrives, everything scrape n read is queryable.
+No sleeps: Prometheus scrapes through a relay that counts scrapes and keeps the last body, and the
+test waits for scrape events. A scrape of a target starts only after the previous one was stored, so
+once scrape n+1 arrives, everything scrape n read is queryable.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ GRAFANA_VARIABLES = {
     "$upstream": ".*",
 }
 LOOPBACK_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(?!\w)")
+# The deployment the model-level outage opens (upstream, model), as its state gauge shows it open.
+FAILED_DEPLOYMENT = ("mock-openai", "gpt-4o-mini")
+DEPLOYMENT_OPEN = re.compile(
+    r'^circuit_breaker_deployment_state\{(?=[^}]*\bupstream="mock-openai")'
+    r'(?=[^}]*\bmodel="gpt-4o-mini")[^}]*\} 2(?:\.0)?$',
+    re.MULTILINE,
+)
 CHAT_MODELS = ("gpt-4o-mini", "gpt-4o", "claude-3-5-haiku", "gemini-2.0-flash")
 
 
@@ -65,6 +74,7 @@ class ScrapeRelay:
     upstream: str
     session: aiohttp.ClientSession
     scrapes: int = 0
+    body: str = ""  # what the last scrape served
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     url: str = ""
     log: Path = Path("/dev/null")
@@ -75,6 +85,7 @@ class ScrapeRelay:
             content_type = resp.headers["Content-Type"]
         async with self.changed:
             self.scrapes += 1
+            self.body = body.decode("utf-8", errors="replace")
             self.changed.notify_all()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -86,6 +97,14 @@ class ScrapeRelay:
 
     async def next_scrapes(self, more: int) -> None:
         await self.wait_scrapes(self.scrapes + more)
+
+    async def wait_served(self, pattern: re.Pattern[str]) -> None:
+        """Until a scrape served a body matching ``pattern`` (bounded like the other waits)."""
+        async with self.changed:
+            await asyncio.wait_for(
+                self.changed.wait_for(lambda: pattern.search(self.body) is not None),
+                SCRAPE_EVENT_SECONDS,
+            )
 
 
 @asynccontextmanager
@@ -227,11 +246,17 @@ async def drive_traffic(
         # Enough calls to one upstream that its breaker window has an error rate (min_throughput).
         for _ in range(12):
             statuses.append(await chat(session, proxy, "claude-3-5-haiku"))
-    await primary.set_fault(kind="status", status=503)  # the outage, until cleared
+    # A model-level outage (until cleared): 5xx count on the deployment breaker of gpt-4o-mini
+    # on the primary, not on the primary's provider breaker; the backup deployment serves.
+    await primary.set_fault(kind="status", status=503, model="gpt-4o-mini")
     for proxy in proxies:
         for _ in range(10):
             statuses.append(await chat(session, proxy, "gpt-4o-mini"))
-        for _ in range(3):
+    # Then a transport-level one: the primary hangs up before any reply. That counts on its
+    # provider breaker (opens after failure_threshold), and gpt-4o fails over to its fallbacks.
+    await primary.set_fault(kind="drop")
+    for proxy in proxies:
+        for _ in range(5):
             statuses.append(await chat(session, proxy, "gpt-4o", stream=True))
     assert set(statuses) == {200}, "failover should have served every request"
 
@@ -271,6 +296,10 @@ async def test_dashboard_and_rules_on_live_metrics(tmp_path: Path) -> None:
         for relay in relays.values():
             await relay.wait_scrapes(2)
         await drive_traffic(session, [enforce, monitor], mocks["mock-openai"])
+        # The deployment breaker half-opens after open_seconds (5 s in rules/demo.yaml) at the
+        # first read: wait until each proxy was scraped while it was open.
+        for relay in relays.values():
+            await relay.wait_served(DEPLOYMENT_OPEN)
         reload_good_and_bad(enforce)
         # +3: the scrape in flight may predate the traffic's end; the next one does not, and
         # the one after proves it was stored.
@@ -302,17 +331,21 @@ async def test_dashboard_and_rules_on_live_metrics(tmp_path: Path) -> None:
             return problems
 
         async def missing_alerts() -> list[str]:
+            upstream, model = FAILED_DEPLOYMENT
             expected = {
-                # The primary's breaker opened in both pods (it only blocks in "enforce").
-                ("CircuitBreakerOpen", "pending", "mock-openai", "enforce"),
-                ("CircuitBreakerOpen", "pending", "mock-openai", "monitor"),
-                ("CircuitBreakerWouldBlock", "firing", "mock-openai", ""),
+                # The primary's provider breaker opened in both pods (it only blocks in "enforce").
+                ("CircuitBreakerOpen", "pending", "mock-openai", "", "enforce"),
+                ("CircuitBreakerOpen", "pending", "mock-openai", "", "monitor"),
+                ("CircuitBreakerWouldBlock", "firing", "mock-openai", "", ""),
+                # The deployment breaker opened: one alert per namespace, pending for 5 minutes.
+                ("CbProxyDeploymentBreakerOpen", "pending", upstream, model, ""),
             }
             active = {
                 (
                     a["metric"]["alertname"],
                     a["metric"]["alertstate"],
                     a["metric"].get("upstream", ""),
+                    a["metric"].get("model", ""),
                     a["metric"].get("pod", ""),
                 )
                 for a in await query(session, prometheus, "ALERTS")

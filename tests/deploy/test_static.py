@@ -44,7 +44,11 @@ PROMQL_KEYWORDS = frozenset(
 )
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Breaker gauges that are -1 when they have no data (metrics.py).
-MINUS_ONE_GAUGES = ("circuit_breaker_error_rate", "circuit_breaker_latency_p95")
+MINUS_ONE_GAUGES = (
+    "circuit_breaker_error_rate",
+    "circuit_breaker_latency_p95",
+    "circuit_breaker_deployment_error_rate",
+)
 SEED_ALERTS = {
     "CircuitBreakerOpen": ('circuit_breaker_state{job="cb-proxy"} > 0', "1m", "warning"),
     "HighErrorRate": ('circuit_breaker_error_rate{job="cb-proxy"} > 0.2', "5m", "critical"),
@@ -56,6 +60,7 @@ REQUIRED_ALERTS = frozenset(SEED_ALERTS) | {
     "CbProxyDown",
     "CbProxyAbsent",
     "CbProxyCostBurnHigh",
+    "CbProxyDeploymentBreakerOpen",
 }
 RULES_TOP_LEVEL_KEYS = frozenset(
     {"version", "providers", "models", "virtual_models", "routes", "defaults"}
@@ -298,6 +303,9 @@ def test_dashboard_metric_names_are_exported_by_the_proxy() -> None:
         "cb_proxy_tokens_total",
         "cb_proxy_cost_usd_total",
         "cb_proxy_overhead_seconds_bucket",
+        "circuit_breaker_deployment_state",
+        "cb_proxy_hedges_total",
+        "cb_proxy_stream_continuations_total",
     } <= used
 
 
