@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.config.check import parse_rules
@@ -195,6 +195,7 @@ def near_valid_documents(draw: st.DrawFn) -> Drawn:
     doc = draw(documents())
     must: list[str] = []
     may: set[str] = set()
+    undeclared = 0  # references made so far: each names its own undeclared target
     # Half the files get a provider breaker with any subset of its keys: the section the
     # runtime builds from the rules and the environment together.
     breakers = [t for t in slots(doc) if t.group == "breaker"]
@@ -215,6 +216,9 @@ def near_valid_documents(draw: st.DrawFn) -> Drawn:
                 )
             )
             slot.mapping.update(values)
+            # A valid value drawn over an earlier invalid one: that problem is gone.
+            overwritten = {f"{slot.path}.{key}" for key in values}
+            must = [p for p in must if p not in overwritten]
             may.update(f"{slot.path}.{key}" for key in slot.specs)
             may.add(slot.path)
         elif kind in ("valid", "invalid"):
@@ -223,6 +227,7 @@ def near_valid_documents(draw: st.DrawFn) -> Drawn:
             value = draw(valid_values(spec) if kind == "valid" else invalid_values(spec))
             slot.mapping[key] = value
             path = f"{slot.path}.{key}"
+            must = [p for p in must if p != path]  # the value drawn last is the one checked
             if kind == "invalid" and value is not None:
                 must.append(path)
             may.add(path)
@@ -238,7 +243,8 @@ def near_valid_documents(draw: st.DrawFn) -> Drawn:
             if not refs:
                 continue
             path, container, key = draw(st.sampled_from(refs))
-            container[key] = f"undeclared-{len(must)}"  # distinct: never 'listed twice'
+            undeclared += 1
+            container[key] = f"undeclared-{undeclared}"  # distinct: never 'listed twice'
 
             must.append(path)
             may.add(path.rsplit("[", 1)[0])  # e.g. a list whose names must be distinct
@@ -296,6 +302,33 @@ def assert_breakers_follow(state: ProxyState, rules: RuleSet) -> None:
             assert config == expected_deployment_breaker(state, rules.providers[dep.provider])
 
 
+def health_check_off(breaker: Doc) -> Drawn:
+    """Regression (hypothesis): ``interval: 0`` (off) drawn over an earlier invalid interval
+    was still expected to be named; only the breaker's string is wrong, and is named."""
+    doc: Doc = {
+        "version": 1,
+        "providers": {
+            "p-0": {
+                "type": "openai",
+                "base_url": "http://localhost",
+                "breaker": breaker,
+                "health_check": {"interval": 0},
+            }
+        },
+        "models": {"m-0": {"provider": "p-0"}},
+    }
+    must = [f"providers.p-0.breaker.{key}" for key in breaker]
+    # With no mutation to name, a rejection fails: ``interval: 0`` must be accepted.
+    return Drawn(doc, must, set(must))
+
+
+HEALTH_CHECK_OFF = [
+    health_check_off({"failure_rate": "5"}),
+    health_check_off({"failure_threshold": "5"}),
+    health_check_off({}),
+]
+
+
 def build_state(rules: RuleSet, env: dict[str, str], path: Path) -> ProxyState:
     """What `cb-proxy serve` does with the rules at start, before it listens."""
     return ProxyState(
@@ -308,6 +341,9 @@ def build_state(rules: RuleSet, env: dict[str, str], path: Path) -> ProxyState:
 
 @RUNTIME_SETTINGS
 @given(drawn=near_valid_documents(), env=ENV)
+@example(drawn=HEALTH_CHECK_OFF[0], env={})
+@example(drawn=HEALTH_CHECK_OFF[1], env={})
+@example(drawn=HEALTH_CHECK_OFF[2], env={})
 def test_every_accepted_file_builds_the_runtime_state(drawn: Drawn, env: dict[str, str]) -> None:
     rules = check(drawn)
     event("accepted" if rules is not None else "rejected")
@@ -389,6 +425,9 @@ def error_count(proxy: ProxyHandle) -> float:
 
 @RUNTIME_SETTINGS
 @given(drawn=near_valid_documents())
+@example(drawn=HEALTH_CHECK_OFF[0])
+@example(drawn=HEALTH_CHECK_OFF[1])
+@example(drawn=HEALTH_CHECK_OFF[2])
 def test_every_file_hot_reloads_or_is_rejected_by_a_running_proxy(
     live: tuple[LiveProxy, ProxyHandle], drawn: Drawn
 ) -> None:

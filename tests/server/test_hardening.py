@@ -388,8 +388,12 @@ async def test_a_malformed_event_after_commit_ends_with_one_error_event(
         # Committed: the backup is only asked to continue (docs/breaker.md, "Mid-stream
         # continuation"); its answer does not begin with "hi", so nothing of it is sent.
         assert r.backup.stats()["requests"] == 1
-        assert reports(r.proxy, "primary")["failure"] == 1
-        assert reports(r.proxy, "primary")["success"] == 0
+        # A malformed event is the model's failure (its deployment breaker); the provider's
+        # transport answered (docs/breaker.md, "Keys").
+        assert model_reports(r.proxy, "primary", "pair")["failure"] == 1
+        assert model_reports(r.proxy, "primary", "pair")["success"] == 0
+        assert reports(r.proxy, "primary")["failure"] == 0
+        assert reports(r.proxy, "primary")["success"] == 1
     events = seen.decode().split("\n\n")
     assert events[-1] == ""
     payloads = [e.removeprefix("data: ") for e in events[:-1]]
