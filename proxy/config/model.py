@@ -417,7 +417,9 @@ class AdaptiveDeadline:
         float, Num(gt=0, le=1, doc="which quantile of the live first-token times")
     ] = 0.99
     floor_ms: Annotated[
-        float, Num(ge=0, le=HOUR_MS, doc="the adaptive deadline is never shorter than this")
+        float,
+        # Not below 100 ms: sub-millisecond history (a cache) must not make every stream time out.
+        Num(ge=100, le=HOUR_MS, doc="the adaptive deadline is never shorter than this"),
     ] = 2000.0
     min_samples: Annotated[
         int,

@@ -258,7 +258,11 @@ class Splicer:
             if event.data == DONE:
                 self.done = True
                 break
-            obj = orjson.loads(event.data)
+            try:
+                obj = orjson.loads(event.data)
+            except orjson.JSONDecodeError:
+                # Unusable: the client's stream ends with the original failure, never a crash.
+                raise Mismatch("the continuation sent an event that is not JSON") from None
             chunk = self._chunk(obj) if isinstance(obj, dict) else None
             if chunk is not None:
                 out.append(format_event(orjson.dumps(chunk).decode()))

@@ -58,7 +58,6 @@ from proxy.upstream.client import Response
 from proxy.upstream.errors import UPSTREAM_ERRORS, failure
 
 LOG = logging.getLogger("cb_proxy.route")
-RETRY_BUDGET_FLOOR = 3  # as for same-deployment retries (docs/breaker.md)
 DONE_FRAME = b"data: " + DONE.encode() + b"\n\n"
 
 
@@ -306,6 +305,12 @@ class StreamContinuation:
                     data = relay.feed(chunk)
         except Mismatch as exc:
             raise _Mismatched(_proxy_error(str(exc)), Outcome.IGNORED) from None
+        except ClientGone:
+            # The client left mid-splice: nobody to answer; what the upstream billed counts.
+            LOG.info("request %s: the client went away during a continuation", ex.request_id)
+            attempt.finish(ex, Outcome.IGNORED)
+            account(ex, attempt.cand, relay.usage, splicer.sent_chars)
+            return out
         except StreamError as exc:
             failed = exc.info.body
         except UPSTREAM_ERRORS as exc:
@@ -340,7 +345,7 @@ class StreamContinuation:
 
 def _retry_budget(ex: Exchange) -> float:
     """Retries in flight never exceed max(3, budget_ratio of active requests) (docs/breaker.md)."""
-    return max(RETRY_BUDGET_FLOOR, ex.rules.defaults.retry.budget_ratio * ex.state.in_flight)
+    return ex.state.retry_budget(ex.rules.defaults.retry)
 
 
 async def _try(

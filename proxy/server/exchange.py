@@ -247,7 +247,7 @@ class Race:
     At most one attempt commits: ``claim`` is synchronous and the first caller wins.
     """
 
-    __slots__ = ("hedge", "on_result", "tasks", "winner", "winner_started")
+    __slots__ = ("hedge", "on_decided", "on_result", "tasks", "winner", "winner_started")
 
     def __init__(self, on_result: Callable[[str], None]) -> None:
         self.tasks: list[asyncio.Task[web.StreamResponse | None]] = []
@@ -257,6 +257,7 @@ class Race:
         # Counts the race's end (won, lost, failed) once, at the commit: before the client
         # has a byte, so a reader of the metric never races the stream.
         self.on_result = on_result
+        self.on_decided: Callable[[], None] = lambda: None  # set by the hedging runner
 
     def claim(self, attempt: Attempt) -> bool:
         """``attempt`` reached its commit point: True if it is the first (the others stop)."""
@@ -267,6 +268,7 @@ class Race:
         self.winner_started = attempt.started
         if self.hedge is not None:
             self.on_result("won" if task is self.hedge else "lost")
+        self.on_decided()
         for other in self.tasks:
             if other is not task:
                 other.cancel()

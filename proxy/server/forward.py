@@ -75,7 +75,14 @@ from proxy.server.state import ProxyState
 from proxy.server.streaming import ClientGone, stream, unreadable
 from proxy.upstream.client import Progress, Response, UpstreamPool
 from proxy.upstream.deadline import Guard
-from proxy.upstream.errors import UPSTREAM_ERRORS, BodyTooLarge, Failure, failure, local_failure
+from proxy.upstream.errors import (
+    UPSTREAM_ERRORS,
+    BodyTooLarge,
+    Disconnected,
+    Failure,
+    failure,
+    local_failure,
+)
 
 LOG = logging.getLogger("cb_proxy.forward")
 
@@ -511,6 +518,17 @@ async def _send(
         }[phase]
         if isinstance(exc, TimeoutError) and loop.time() >= total_deadline:
             doing = "at the total deadline"
+        if (
+            isinstance(exc, TimeoutError)
+            and phase != _Phase.IDLE
+            and first_token < timeouts.first_token
+            and loop.time() < total_deadline
+        ):
+            # The adaptive deadline cut this stream: its wait is a (censored) sample, so a
+            # deployment whose traffic got slower earns a longer deadline instead of failing
+            # every stream at the old one (docs/breaker.md, 'Adaptive first-token deadline').
+            doing = f"waiting for the first token (adaptive deadline {first_token:.3g} s)"
+            ex.state.first_tokens.observe(cand.deployment.key, first_token)
         found = None
         if isinstance(exc, TimeoutError) and not progress.written:
             found = _unsent(progress, cand.deployment.key, sent + first_token, total_deadline)
@@ -521,8 +539,11 @@ async def _send(
             found.outcome,
             transient=found.transient,
             local=found.local,
-            # Only before any reply head: a drop mid-body is the model's failure.
-            provider_level=found.transport and phase == _Phase.CONNECT,
+            # Only before the request reached the model: once it was written, a drop (even
+            # before the reply head, a plain request's whole generation) is the model's.
+            provider_level=found.transport
+            and phase == _Phase.CONNECT
+            and not (isinstance(exc, Disconnected) and exc.request_written),
         ) from None
 
 

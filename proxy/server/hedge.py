@@ -60,6 +60,17 @@ async def run_hedged(ex: Exchange, walk: Walker, delay: float) -> web.StreamResp
     pending: set[asyncio.Task[web.StreamResponse | None]] = {first}
     hedge: asyncio.Task[web.StreamResponse | None] | None = None
     holding = False
+
+    def release() -> None:
+        # The hedge's budget slot returns once the race is decided or the hedge ends: a
+        # winner streaming for minutes must not hold it.
+        nonlocal holding
+        if holding:
+            holding = False
+            state.retries_in_flight -= 1
+
+    race.on_decided = release
+    failure: BaseException | None = None
     try:
         done, pending = await asyncio.wait(pending, timeout=delay)
         if (
@@ -71,17 +82,27 @@ async def run_hedged(ex: Exchange, walk: Walker, delay: float) -> web.StreamResp
             state.retries_in_flight += 1
             holding = True
             hedge = race.hedge = asyncio.create_task(walk.walk())
+            hedge.add_done_callback(lambda _: release())
             race.tasks.append(hedge)
             pending.add(hedge)
         pending |= done
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                response = task.result()  # a caller fault ends the request: raised here
+                if task.cancelled():
+                    continue  # the race's loser: its attempt recorded itself
+                error = task.exception()
+                if error is not None:
+                    # A caller fault from one walker: the other may still answer.
+                    failure = failure or error
+                    continue
+                response = task.result()
                 if response is not None:
                     return response
         if hedge is not None:
             race.on_result("failed")
+        if failure is not None:
+            raise failure
         raise walk.final_error()
     except asyncio.CancelledError:
         # The handler was cancelled: the walkers stop too; a committed stream ends itself
@@ -101,5 +122,4 @@ async def run_hedged(ex: Exchange, walk: Walker, delay: float) -> web.StreamResp
         for task in race.tasks:
             with contextlib.suppress(BaseException):
                 await task
-        if holding:
-            state.retries_in_flight -= 1
+        release()

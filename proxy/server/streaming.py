@@ -263,10 +263,10 @@ async def stream(
         ) from None
     pending = b"".join(held)
     del held  # the pre-commit chunks: only their join is written
+    attempt.first_token()  # before the claim: a near-tie loser did start in time
     if ex.race is not None and not ex.race.claim(attempt):
         # A hedged attempt committed first (proxy.server.hedge): this one writes nothing.
         raise asyncio.CancelledError
-    attempt.first_token()
     cont = ex.continuation if native is None and reframe is None else None
     if cont is not None and cont.resuming:
         # A continuation of a stream already committed (proxy.server.continuation).

@@ -234,3 +234,11 @@ def test_restart_always_completes_the_answer_exactly(
         assert sent + rest == sent + answer[len(sent) :].lstrip()
     else:
         assert sent + rest == answer
+
+
+def test_an_event_that_is_not_json_is_a_mismatch_not_a_crash() -> None:
+    # A broken event followed by a good one in the same read: the relay's cheap check sees
+    # only the last event, so the splicer must refuse the broken one itself.
+    s = Splicer(SENT, Method.PREFILL, Usage())
+    with pytest.raises(Mismatch, match="not JSON"):
+        s.feed(b'data: {"choices": [oops\n\n' + continuation("ta", " gamma"))

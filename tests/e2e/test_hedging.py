@@ -191,3 +191,26 @@ async def test_no_history_keeps_the_configured_deadline(tmp_path: Path) -> None:
             "deadline_ms": 30_000.0,
             "adaptive": False,
         }
+
+
+async def test_a_hedge_winner_streaming_slowly_is_relayed_whole(tmp_path: Path) -> None:
+    # The loser's cancellation must not reach the winner, however long it streams.
+    async with (
+        running_mock("openai", name="primary", words=PRIMARY_WORDS) as primary,
+        running_mock("openai", name="backup", words=20, tokens_per_second=40) as backup,
+    ):
+        rules = RULES.format(
+            primary=primary.url, backup=backup.url, hedge="100", factor=0, samples=HISTORY
+        )
+        async with (
+            running_proxy(write_rules(tmp_path, rules)) as proxy,
+            AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0) as sdk,
+        ):
+            r = Rig(proxy, primary, backup, sdk)
+            await slow_primary(r)
+            try:
+                provider, text, _ = await r.stream("hedged")
+            finally:
+                primary.clear_faults()
+            assert (provider, text) == ("backup", reply_text("hedge me", 20))
+            assert proxy.state.retries_in_flight == 0  # the hedge's budget slot came back
