@@ -5,8 +5,8 @@ one enforcing, one monitor-only (CIRCUIT_BREAKER_ENABLED=false), as in a fleet m
 real Prometheus server (the Debian `prometheus` binary, the same package as promtool) scrapes
 both under job "cb-proxy" every second and evaluates deploy/prometheus/alerts.yml. After normal
 traffic, an outage of the primary OpenAI mock in two steps (a model-level one: gpt-4o-mini answers
-503, its deployment breaker opens and it fails over to the backup; then a transport-level one: the
-mock hangs up on every request, the provider breaker opens, with rejections and would-block) and a
+503, its deployment breaker opens and it fails over to the backup; then a provider-level one: the
+mock refuses the proxy's key, the provider breaker opens, with rejections and would-block) and a
 good and a bad rules reload, every query of deploy/grafana/dashboard.json and every recording rule
 must return data, the breaker alerts of both levels must be active, and no rule may fail to
 evaluate.
@@ -252,9 +252,10 @@ async def drive_traffic(
     for proxy in proxies:
         for _ in range(10):
             statuses.append(await chat(session, proxy, "gpt-4o-mini"))
-    # Then a transport-level one: the primary hangs up before any reply. That counts on its
+    # Then a provider-level one: the primary refuses the proxy's key (401). That counts on its
     # provider breaker (opens after failure_threshold), and gpt-4o fails over to its fallbacks.
-    await primary.set_fault(kind="drop")
+    # (A hang-up after the request was written is the model's failure, docs/breaker.md 'Keys'.)
+    await primary.set_fault(kind="status", status=401)
     for proxy in proxies:
         for _ in range(5):
             statuses.append(await chat(session, proxy, "gpt-4o", stream=True))
